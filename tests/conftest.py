@@ -1,0 +1,23 @@
+"""Shared fixtures: paths to the read-only assets in ../shared/assets, tiny models."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSETS = Path(os.environ.get("CWA_ASSETS", ROOT.parent / "shared" / "assets"))
+STORIES = ASSETS / "stories260k"
+TINYSTORIES = ASSETS / "corpora" / "tinystories_val.txt"
+WIKITEXT = ASSETS / "corpora" / "wikitext2_test.raw"
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def assets() -> Path:
+    if not STORIES.exists():
+        pytest.fail(f"test assets missing at {ASSETS}; set CWA_ASSETS")
+    return ASSETS
