@@ -1,0 +1,168 @@
+"""Text corpora -> token windows: seeded calibration windows and held-out evaluation windows.
+
+The text is tokenized once. Windows are non-overlapping spans of one token stream, in one of
+two layouts (the two conventions published perplexities use):
+
+* ``bos="window"``: the text is one stream; every window is ``[BOS] + L-1`` stream tokens.
+  (WikiText-2 as usually reported.)
+* ``bos="document"``: documents (separated by blank lines) each start with BOS, are joined,
+  and cut into windows of ``L`` tokens. (TinyStories.)
+
+Evaluation windows are the *last* ``n_eval`` windows of the evaluation stream and never depend
+on the seed. When calibration and evaluation share a text, calibration windows are drawn (with
+the seed, without replacement) only from the part of the stream before the first evaluation
+window, so the two never overlap.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+BOS_LAYOUTS = ("window", "document")
+
+
+@dataclass(frozen=True)
+class TokenStream:
+    """A tokenized text. ``tokens`` is 1-D; ``bos_id`` is prepended per window or per document."""
+
+    tokens: torch.Tensor  # (T,) int64
+    bos_id: int | None
+    layout: str  # "window" or "document"
+    source: str  # file path or dataset name, for provenance
+
+    def __len__(self) -> int:
+        return self.tokens.numel()
+
+    def content_len(self, length: int) -> int:
+        """Stream tokens per window of ``length`` tokens."""
+        return length - 1 if (self.layout == "window" and self.bos_id is not None) else length
+
+    def n_windows(self, length: int, end: int | None = None) -> int:
+        end = len(self) if end is None else end
+        return end // self.content_len(length)
+
+    def windows(self, length: int, starts: torch.Tensor) -> torch.Tensor:
+        """Windows whose stream content starts at ``starts``: (N, length) int64."""
+        c = self.content_len(length)
+        offsets = torch.arange(c)
+        body = self.tokens[starts[:, None] + offsets[None, :]]  # (N, c)
+        if c == length:
+            return body
+        bos = torch.full((len(starts), 1), self.bos_id, dtype=body.dtype)
+        return torch.cat([bos, body], dim=1)
+
+
+def tokenize(tokenizer, text: str, *, layout: str = "window", source: str = "") -> TokenStream:
+    """Tokenize once. In ``document`` layout each blank-line-separated document gets a BOS."""
+    if layout not in BOS_LAYOUTS:
+        raise ValueError(f"unknown BOS layout {layout!r}; allowed: {', '.join(BOS_LAYOUTS)}")
+    bos = tokenizer.bos_token_id
+    if layout == "document":
+        if bos is None:
+            raise ValueError("document layout needs a tokenizer with a BOS token")
+        docs = [d for d in text.split("\n\n") if d.strip()]
+        ids: list[int] = []
+        for enc in tokenizer(docs, add_special_tokens=False)["input_ids"]:
+            ids.append(bos)
+            ids.extend(enc)
+    else:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError(f"text from {source or 'input'} tokenizes to nothing")
+    return TokenStream(torch.tensor(ids, dtype=torch.long), bos, layout, source)
+
+
+def read_text(path: str | Path) -> str:
+    return Path(path).read_text(encoding="utf-8")
+
+
+def load_wikitext2_test() -> str:
+    """WikiText-2 raw test split through ``datasets`` (needs the network), joined as usual."""
+    from datasets import load_dataset  # optional dependency, only where the network allows
+
+    ds = load_dataset("wikitext", "wikitext-2-raw-v1", split="test")
+    return "\n\n".join(ds["text"])
+
+
+@dataclass(frozen=True)
+class DataSplit:
+    """Where evaluation and calibration windows come from; calibration depends on the seed."""
+
+    calib: TokenStream
+    eval: TokenStream
+    calib_length: int
+    eval_length: int
+    eval_starts: torch.Tensor  # (n_eval,) stream offsets of the evaluation windows
+    calib_end: int  # calibration windows lie wholly in calib.tokens[:calib_end]
+    shared: bool  # calibration and evaluation come from the same stream
+
+    @property
+    def n_eval(self) -> int:
+        return len(self.eval_starts)
+
+    def eval_windows(self) -> torch.Tensor:
+        """(n_eval, eval_length): the held-out windows, independent of any seed."""
+        return self.eval.windows(self.eval_length, self.eval_starts)
+
+    def calib_starts(self, n: int, seed: int) -> torch.Tensor:
+        """Stream offsets of ``n`` calibration windows drawn without replacement with ``seed``."""
+        c = self.calib.content_len(self.calib_length)
+        pool = self.calib_end // c
+        if n > pool:
+            raise ValueError(
+                f"asked for {n} calibration windows of {self.calib_length} tokens but the "
+                f"calibration text holds only {pool} outside the evaluation windows"
+            )
+        rng = np.random.default_rng(seed)
+        picks = np.sort(rng.choice(pool, size=n, replace=False))
+        return torch.from_numpy(picks).long() * c
+
+    def calib_windows(self, n: int, seed: int) -> torch.Tensor:
+        """(n, calib_length) calibration windows for ``seed``."""
+        return self.calib.windows(self.calib_length, self.calib_starts(n, seed))
+
+    def describe(self) -> dict:
+        return {
+            "calib_source": self.calib.source,
+            "eval_source": self.eval.source,
+            "layout": self.eval.layout,
+            "calib_length": self.calib_length,
+            "eval_length": self.eval_length,
+            "eval_windows": self.n_eval,
+            "eval_tokens_scored": self.n_eval * (self.eval_length - 1),
+            "calib_pool_tokens": self.calib_end,
+            "shared_stream": self.shared,
+        }
+
+
+def split(
+    calib: TokenStream,
+    eval: TokenStream | None = None,
+    *,
+    calib_length: int,
+    eval_length: int,
+    n_eval: int | None,
+) -> DataSplit:
+    """Plan evaluation windows (the last ``n_eval`` of the eval stream, ``None`` = all) and
+    the calibration region (everything before them when the stream is shared)."""
+    shared = eval is None or eval is calib
+    ev = calib if shared else eval
+    total = ev.n_windows(eval_length)
+    if total == 0:
+        raise ValueError(f"evaluation text from {ev.source!r} is shorter than one {eval_length}-token window")
+    if n_eval is None:
+        n_eval = total if not shared else total // 2
+    n_eval = min(n_eval, total if not shared else max(total - 1, 0))
+    if n_eval <= 0:
+        raise ValueError(f"text from {ev.source!r} is too short to hold out evaluation windows")
+    c = ev.content_len(eval_length)
+    first = total - n_eval
+    eval_starts = torch.arange(first, total, dtype=torch.long) * c
+    calib_end = first * c if shared else len(calib)
+    return DataSplit(calib, ev, calib_length, eval_length, eval_starts, calib_end, shared)

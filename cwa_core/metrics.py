@@ -1,0 +1,305 @@
+"""Sensitivity metrics: one score per weight, streamed to a sink one tensor at a time.
+
+Every metric calls ``sink(ref, scores)`` exactly once per :class:`ParamRef`, with ``scores`` a
+float32 tensor of the parameter's shape (on the parameter's device). Gradient metrics score a
+tensor inside its post-accumulate-grad hook and free the gradient at once, so no full set of
+gradients (or scores) exists at any time.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .architectures import ParamRef
+from .evaluate import logits_of, model_device, nll_sum
+from .registry import Registry
+
+log = logging.getLogger(__name__)
+
+Sink = Callable[[ParamRef, torch.Tensor], None]
+
+
+@dataclass(frozen=True)
+class ScoreOptions:
+    micro_batch: int | None = None  # calibration windows per forward; None = all in one
+    hutchinson_probes: int = 16
+    seed: int = 0  # Hutchinson probe vectors
+    progress: bool = False
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    fn: Callable[..., None]
+    needs_grad: bool
+    needs_activations: bool
+    data_independent: bool
+    description: str
+
+
+METRICS: Registry[Metric] = Registry("metric")
+
+
+def metric(name: str, *, needs_grad: bool = False, needs_activations: bool = False,
+           data_independent: bool = False, description: str = ""):
+    def deco(fn):
+        METRICS.add(name, Metric(name, fn, needs_grad, needs_activations, data_independent, description))
+        return fn
+    return deco
+
+
+def score(model: nn.Module, refs: Sequence[ParamRef], name: str, calib: torch.Tensor | None,
+          sink: Sink, opts: ScoreOptions = ScoreOptions()) -> Metric:
+    """Score every tensor in ``refs`` with metric ``name`` on calibration windows ``calib`` (N, L)."""
+    m = METRICS.get(name)
+    if not m.data_independent and (calib is None or calib.numel() == 0):
+        raise ValueError(f"metric {name!r} needs calibration windows")
+    was_training = model.training
+    model.eval()
+    try:
+        if m.needs_grad:
+            with _grad_only_for(model, refs):
+                m.fn(model, refs, calib, sink, opts)
+        else:
+            with torch.no_grad():
+                m.fn(model, refs, calib, sink, opts)
+    finally:
+        model.train(was_training)
+    return m
+
+
+# --------------------------------------------------------------------------- helpers
+
+@contextlib.contextmanager
+def _grad_only_for(model: nn.Module, refs: Sequence[ParamRef]) -> Iterator[None]:
+    """Gradients for the scored tensors only (no gradient buffer for the embedding table
+    unless it is scored); everything restored afterwards."""
+    saved = [(p, p.requires_grad, p.grad) for p in model.parameters()]
+    wanted = {id(r.param) for r in refs}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in wanted)
+        p.grad = None
+    try:
+        with torch.enable_grad():
+            yield
+    finally:
+        for p, rg, g in saved:
+            p.requires_grad_(rg)
+            p.grad = g
+
+
+def _chunks(calib: torch.Tensor, micro_batch: int | None) -> list[torch.Tensor]:
+    mb = calib.shape[0] if not micro_batch else micro_batch
+    return list(torch.split(calib, mb))
+
+
+def _mean_nll_parts(model: nn.Module, calib: torch.Tensor, opts: ScoreOptions, desc: str):
+    """Yield (is_last, loss part) whose sum is the mean next-token NLL over all windows."""
+    device = model_device(model)
+    n_tok = calib.shape[0] * (calib.shape[1] - 1)
+    parts = _chunks(calib, opts.micro_batch)
+    for i, ids in enumerate(tqdm(parts, desc=desc, disable=not opts.progress, leave=False, unit="batch")):
+        ids = ids.to(device, non_blocking=True)
+        yield i == len(parts) - 1, nll_sum(logits_of(model, ids), ids) / n_tok
+
+
+def _by_param(refs: Sequence[ParamRef]) -> dict[int, ParamRef]:
+    return {id(r.param): r for r in refs}
+
+
+def _hooked_backward(model, refs, calib, opts, on_grad: Callable[[ParamRef, torch.Tensor], None], desc: str):
+    """One backward of the mean calibration loss; ``on_grad`` sees each complete gradient,
+    which is freed right after. With micro-batches, gradients accumulate until the last."""
+    lookup = _by_param(refs)
+    armed = [False]
+
+    def hook(p: torch.Tensor) -> None:
+        if armed[0]:
+            on_grad(lookup[id(p)], p.grad)
+            p.grad = None
+
+    handles = [r.param.register_post_accumulate_grad_hook(hook) for r in refs]
+    try:
+        for last, loss in _mean_nll_parts(model, calib, opts, desc):
+            armed[0] = last
+            loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
+
+
+# --------------------------------------------------------------------------- metrics
+
+@metric("magnitude", data_independent=True, description="|w|")
+def _magnitude(model, refs, calib, sink, opts):
+    for r in refs:
+        sink(r, r.param.detach().abs().float())
+
+
+@metric("grad_x_weight", needs_grad=True,
+        description="|w * g|, g the gradient of the mean calibration loss")
+def _grad_x_weight(model, refs, calib, sink, opts):
+    def on_grad(r: ParamRef, g: torch.Tensor) -> None:
+        sink(r, (r.param.detach().float() * g.float()).abs_())
+
+    _hooked_backward(model, refs, calib, opts, on_grad, "grad_x_weight")
+
+
+@metric("grad_squared", needs_grad=True,
+        description="sum over calibration windows of per-window g^2 (empirical Fisher diagonal)")
+def _grad_squared(model, refs, calib, sink, opts):
+    acc: dict[int, torch.Tensor] = {}
+
+    def on_grad(r: ParamRef, g: torch.Tensor) -> None:
+        g = g.float()
+        if id(r.param) in acc:
+            acc[id(r.param)].addcmul_(g, g)
+        else:
+            acc[id(r.param)] = g * g
+
+    device = model_device(model)
+    lookup = _by_param(refs)
+
+    def hook(p: torch.Tensor) -> None:
+        on_grad(lookup[id(p)], p.grad)
+        p.grad = None
+
+    handles = [r.param.register_post_accumulate_grad_hook(hook) for r in refs]
+    try:
+        for w in tqdm(range(calib.shape[0]), desc="grad_squared", disable=not opts.progress,
+                      leave=False, unit="window"):
+            window = calib[w : w + 1].to(device)
+            (nll_sum(logits_of(model, window), window) / (window.shape[1] - 1)).backward()
+    finally:
+        for h in handles:
+            h.remove()
+    for r in refs:
+        sink(r, acc.pop(id(r.param), torch.zeros(r.shape, device=r.param.device)))
+
+
+def hutchinson_diagonal(model: nn.Module, refs: Sequence[ParamRef], calib: torch.Tensor,
+                        opts: ScoreOptions) -> list[torch.Tensor]:
+    """Hutchinson estimate of diag(H) of the mean calibration loss: mean over Rademacher
+    probes z of z * (H z), with H z from a Hessian-vector product (double backward)."""
+    params = [r.param for r in refs]
+    device = model_device(model)
+    gen = torch.Generator(device=device).manual_seed(opts.seed)
+    acc = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params]
+    for _ in tqdm(range(opts.hutchinson_probes), desc="hutchinson", disable=not opts.progress, leave=False, unit="probe"):
+        zs = [(torch.randint(0, 2, p.shape, generator=gen, device=device) * 2 - 1).to(p.dtype) for p in params]
+        for _, loss in _mean_nll_parts(model, calib, ScoreOptions(opts.micro_batch), "hvp"):
+            grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+            pairs = [(i, g) for i, g in enumerate(grads) if g is not None and g.requires_grad]
+            if not pairs:
+                continue
+            hv = torch.autograd.grad([g for _, g in pairs], [params[i] for i, _ in pairs],
+                                     grad_outputs=[zs[i] for i, _ in pairs], allow_unused=True)
+            for (i, _), h in zip(pairs, hv):
+                if h is not None:
+                    acc[i].addcmul_(zs[i].float(), h.float())
+    return [a / opts.hutchinson_probes for a in acc]
+
+
+@metric("hutchinson_diag", needs_grad=True,
+        description="|diag(H)|, Hutchinson estimate E[z * Hz] with Rademacher probes")
+def _hutchinson(model, refs, calib, sink, opts):
+    for r, d in zip(refs, hutchinson_diagonal(model, refs, calib, opts)):
+        sink(r, d.abs_())
+
+
+class _ActivationStats:
+    """Per-input-channel sum of squares and max |x| of every scored module, via hooks."""
+
+    def __init__(self, refs: Sequence[ParamRef]) -> None:
+        self.sumsq: dict[int, torch.Tensor] = {}
+        self.maxabs: dict[int, torch.Tensor] = {}
+        self.handles = []
+        seen = set()
+        for r in refs:
+            if id(r.module) in seen:
+                continue
+            if r.in_dim is not None:
+                seen.add(id(r.module))
+                self.handles.append(r.module.register_forward_pre_hook(self._pre))
+            elif r.param_type == "norm" and r.leaf == "weight":
+                seen.add(id(r.module))
+                self.handles.append(r.module.register_forward_hook(self._post))
+
+    def _update(self, module: nn.Module, x: torch.Tensor) -> None:
+        xf = x.detach().reshape(-1, x.shape[-1]).float()  # (tokens, channels)
+        key = id(module)
+        sq, mx = xf.square().sum(0), xf.abs().amax(0)
+        if key in self.sumsq:
+            self.sumsq[key] += sq
+            torch.maximum(self.maxabs[key], mx, out=self.maxabs[key])
+        else:
+            self.sumsq[key], self.maxabs[key] = sq, mx
+
+    def _pre(self, module, args):
+        self._update(module, args[0])
+
+    def _post(self, module, args, out):
+        out = out[0] if isinstance(out, tuple) else out
+        bias = getattr(module, "bias", None)
+        self._update(module, out - bias if isinstance(bias, torch.Tensor) else out)  # = x_hat * gamma
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _activation_scores(model, refs, calib, sink, opts, use_max: bool) -> None:
+    stats = _ActivationStats(refs)
+    try:
+        for _ in _forward_only(model, calib, opts, "activations"):
+            pass
+    finally:
+        stats.remove()
+    counts = torch.bincount(calib.reshape(-1))
+    for r in refs:
+        w = r.param.detach().abs().float()
+        key = id(r.module)
+        if r.leaf == "bias":
+            s = w
+        elif r.in_dim is not None:
+            chan = (stats.maxabs if use_max else stats.sumsq).get(key)
+            if chan is None:
+                s = torch.zeros_like(w)
+            else:
+                chan = chan if use_max else chan.sqrt()
+                s = w * (chan[None, :] if r.in_dim == 1 else chan[:, None])
+        elif r.param_type == "norm":
+            chan = (stats.maxabs if use_max else stats.sumsq).get(key)
+            s = torch.zeros_like(w) if chan is None else (chan if use_max else chan.sqrt())
+        elif r.param_type == "embedding" and w.dim() == 2:
+            c = torch.zeros(w.shape[0], device=w.device)
+            n = min(len(counts), w.shape[0])
+            c[:n] = counts[:n].to(w.device).float()
+            s = w * ((c > 0).float() if use_max else c.sqrt())[:, None]
+        else:
+            s = w
+        sink(r, s)
+
+
+def _forward_only(model, calib, opts, desc):
+    device = model_device(model)
+    for ids in tqdm(_chunks(calib, opts.micro_batch), desc=desc, disable=not opts.progress, leave=False, unit="batch"):
+        yield logits_of(model, ids.to(device, non_blocking=True))
+
+
+@metric("wanda", needs_activations=True,
+        description="|w| * ||x_in||_2 of its input channel over calibration tokens")
+def _wanda(model, refs, calib, sink, opts):
+    _activation_scores(model, refs, calib, sink, opts, use_max=False)
+
+
+@metric("act_contrib", needs_activations=True,
+        description="max over tokens of |x_k * W_jk|, a weight's largest single contribution")
+def _act_contrib(model, refs, calib, sink, opts):
+    _activation_scores(model, refs, calib, sink, opts, use_max=True)
