@@ -22,7 +22,9 @@ class ArchSpec:
     layers: str  # the ModuleList of decoder blocks
     attention: tuple[str, ...]  # prefixes, inside a block, of attention submodules
     mlp: tuple[str, ...]  # prefixes of MLP submodules
-    down_proj: str  # the MLP output projection inside a block (super-weight hunting)
+    # the MLP output projection inside a block (super-weight hunting); None where the family
+    # has no single one per block (mixture of experts)
+    down_proj: str | None
     embeddings: tuple[str, ...]  # token (and position) embeddings
     lm_head: tuple[str, ...]  # output projection (skipped when tied to the embeddings)
     final_norm: tuple[str, ...] = ()
@@ -38,10 +40,23 @@ _LLAMA_LIKE = ArchSpec(
     final_norm=("model.norm",),
 )
 
+# Mixtral's experts are fused 3-D parameters in transformers 5 (mlp.experts.gate_up_proj
+# (E, 2I, H), mlp.experts.down_proj (E, H, I)); transformers 4 had block_sparse_moe.experts.N.w2.
+# Either way there is no one down projection module per block.
+_MIXTRAL = ArchSpec(
+    layers="model.layers",
+    attention=("self_attn.",),
+    mlp=("mlp.", "block_sparse_moe."),
+    down_proj=None,
+    embeddings=("model.embed_tokens",),
+    lm_head=("lm_head",),
+    final_norm=("model.norm",),
+)
+
 ARCHITECTURES: dict[str, ArchSpec] = {
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
-    "mixtral": _LLAMA_LIKE,
+    "mixtral": _MIXTRAL,
     "qwen2": _LLAMA_LIKE,
     "qwen3": _LLAMA_LIKE,
     "gemma": _LLAMA_LIKE,
@@ -63,7 +78,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         mlp=("mlp.",),
         down_proj="mlp.dense_4h_to_h",
         embeddings=("gpt_neox.embed_in",),
-        lm_head=("embed_out",),
+        lm_head=("embed_out", "lm_head"),  # embed_out in transformers 4, lm_head in 5
         final_norm=("gpt_neox.final_layer_norm",),
     ),
 }
@@ -120,6 +135,11 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 def down_projections(model: nn.Module) -> list[tuple[int, nn.Module]]:
     """(layer index, MLP output projection) for every block: where super weights live."""
     spec = arch_spec(model)
+    if spec.down_proj is None:
+        raise UnsupportedArchitectureError(
+            f"model_type {_model_type(model)!r} has no single MLP down projection per block "
+            "(mixture of experts); super-weight hunting needs a dense MLP"
+        )
     return [(i, block.get_submodule(spec.down_proj)) for i, block in enumerate(decoder_layers(model))]
 
 

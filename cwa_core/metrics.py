@@ -184,32 +184,60 @@ def _grad_squared(model, refs, calib, sink, opts):
 
 
 def hutchinson_diagonal(model: nn.Module, refs: Sequence[ParamRef], calib: torch.Tensor,
-                        opts: ScoreOptions) -> list[torch.Tensor]:
+                        opts: ScoreOptions, probes_per_pass: int = 8) -> list[torch.Tensor]:
     """Hutchinson estimate of diag(H) of the mean calibration loss: mean over Rademacher
-    probes z of z * (H z), with H z from a Hessian-vector product (double backward)."""
+    probes z of z * (H z), with H z from a Hessian-vector product (double backward).
+
+    The gradient graph of each micro-batch is built once and reused by every probe; probe
+    ``i`` draws the same z in every micro-batch (H z is linear in the loss, so the parts add).
+    """
     params = [r.param for r in refs]
     device = model_device(model)
-    gen = torch.Generator(device=device).manual_seed(opts.seed)
+    n = opts.hutchinson_probes
     acc = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params]
-    for _ in tqdm(range(opts.hutchinson_probes), desc="hutchinson", disable=not opts.progress, leave=False, unit="probe"):
-        zs = [(torch.randint(0, 2, p.shape, generator=gen, device=device) * 2 - 1).to(p.dtype) for p in params]
-        for _, loss in _mean_nll_parts(model, calib, ScoreOptions(opts.micro_batch), "hvp"):
-            grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
-            pairs = [(i, g) for i, g in enumerate(grads) if g is not None and g.requires_grad]
-            if not pairs:
-                continue
-            hv = torch.autograd.grad([g for _, g in pairs], [params[i] for i, _ in pairs],
-                                     grad_outputs=[zs[i] for i, _ in pairs], allow_unused=True)
-            for (i, _), h in zip(pairs, hv):
+
+    def probe(i: int) -> list[torch.Tensor]:
+        gen = torch.Generator(device=device).manual_seed(opts.seed * 1_000_003 + i)
+        return [(torch.randint(0, 2, p.shape, generator=gen, device=device) * 2 - 1).to(p.dtype) for p in params]
+
+    for _, loss in _mean_nll_parts(model, calib, opts, "hutchinson"):
+        grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+        live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+        for start in range(0, n, probes_per_pass):
+            ids = range(start, min(n, start + probes_per_pass))
+            zs = [probe(i) for i in ids]
+            batched = [torch.stack([z[i] for z in zs]) for i in live]  # (P, *shape)
+            hv = torch.autograd.grad([grads[i] for i in live], [params[i] for i in live],
+                                     grad_outputs=batched, retain_graph=True, allow_unused=True,
+                                     is_grads_batched=True)
+            for i, z, h in zip(live, batched, hv):
                 if h is not None:
-                    acc[i].addcmul_(zs[i].float(), h.float())
-    return [a / opts.hutchinson_probes for a in acc]
+                    acc[i] += (z.float() * h.float()).sum(0)
+        del grads
+    return [a / n for a in acc]
+
+
+@contextlib.contextmanager
+def _double_backward_attention(model: nn.Module) -> Iterator[None]:
+    """Fused attention kernels have no double backward: use eager attention meanwhile."""
+    cfg = getattr(model, "config", None)
+    current = getattr(cfg, "_attn_implementation", None)
+    switch = current not in (None, "eager") and hasattr(model, "set_attn_implementation")
+    if switch:
+        model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        if switch:
+            model.set_attn_implementation(current)
 
 
 @metric("hutchinson_diag", needs_grad=True,
         description="|diag(H)|, Hutchinson estimate E[z * Hz] with Rademacher probes")
 def _hutchinson(model, refs, calib, sink, opts):
-    for r, d in zip(refs, hutchinson_diagonal(model, refs, calib, opts)):
+    with _double_backward_attention(model):
+        diag = hutchinson_diagonal(model, refs, calib, opts)
+    for r, d in zip(refs, diag):
         sink(r, d.abs_())
 
 
