@@ -72,6 +72,35 @@ class Selection:
         return out
 
 
+def _order(scores: torch.Tensor, keys: torch.Tensor, largest: bool) -> torch.Tensor:
+    """Permutation sorting by score (descending if ``largest``), ties by ascending key."""
+    by_key = torch.argsort(keys, stable=True)
+    by_score = torch.argsort(scores[by_key], descending=largest, stable=True)
+    return by_key[by_score]
+
+
+def topk_stable(flat: torch.Tensor, k: int, largest: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.topk`` with a deterministic tie-break (lowest index wins), sorted.
+
+    Deterministic ties make a smaller K exactly a prefix of a larger one, and make global
+    selections independent of how tensors were batched. Costs two extra passes over ``flat``;
+    the tied indices are enumerated only when ties straddle the cut.
+    """
+    v, i = torch.topk(flat, k, largest=largest, sorted=True)
+    if k == 0:
+        return v, i
+    thr = v[-1]
+    ties_total = int((flat == thr).sum())
+    ties_taken = int((v == thr).sum())
+    if ties_total > ties_taken:  # ambiguous: take the lowest-index ties
+        keep = v != thr
+        tied = torch.nonzero(flat == thr).reshape(-1)[:ties_taken]
+        v = torch.cat([v[keep], flat[tied]])
+        i = torch.cat([i[keep], tied])
+    order = _order(v, i, largest)
+    return v[order], i[order]
+
+
 def tensor_offsets(refs: Sequence[ParamRef]) -> torch.Tensor:
     sizes = torch.tensor([r.numel for r in refs], dtype=torch.long)
     return torch.cumsum(sizes, 0) - sizes
@@ -169,6 +198,7 @@ class ScoreCollector:
 
     def __post_init__(self) -> None:
         self._index = {id(r.param): i for i, r in enumerate(self.refs)}
+        self._offsets = tensor_offsets(self.refs)
         self._per_tensor: dict[str, list] = {"top_k": [], "bottom_k": []}
         self._global: dict[str, tuple | None] = {"top_k": None, "bottom_k": None}
         self._gather_idx = {name: sel.by_tensor() for name, sel in self.gathers.items()}
@@ -186,7 +216,7 @@ class ScoreCollector:
             raise ValueError(f"scores for {ref.name} have {flat.numel()} entries, expected {ref.numel}")
         kk = min(self.k, flat.numel())
         for kind, largest in (("top_k", True), ("bottom_k", False)):
-            v, i = torch.topk(flat, kk, largest=largest, sorted=True)
+            v, i = topk_stable(flat, kk, largest)
             v, i = v.cpu(), i.cpu()
             tid = torch.full_like(i, t)
             if "per_layer" in self.modes:
@@ -206,7 +236,7 @@ class ScoreCollector:
         if run is None:
             return new
         tid, idx, val = (torch.cat([a, b]) for a, b in zip(run, new))
-        keep = torch.topk(val, min(self.k, val.numel()), largest=largest, sorted=True).indices
+        keep = _order(val, self._offsets[tid] + idx, largest)[: self.k]  # ties: lowest global id
         return tid[keep], idx[keep], val[keep]
 
     def missing(self) -> list[str]:
@@ -223,7 +253,8 @@ class ScoreCollector:
         if mode == "global":
             tid, idx, val = self._global[kind]
         else:
-            tid, idx, val = (torch.cat(c) for c in zip(*self._per_tensor[kind]))
+            parts = sorted(self._per_tensor[kind], key=lambda c: int(c[0][0]) if len(c[0]) else 0)
+            tid, idx, val = (torch.cat(c) for c in zip(*parts))
         return Selection(kind, mode, self.k, tid, idx, val)
 
     def gathered(self, name: str) -> Selection:
