@@ -1,9 +1,14 @@
 #!/usr/bin/env python
-"""The command: one critical-weight experiment from flags (a sweep of many: ``--sweep FILE``).
+"""The command: one critical-weight experiment from flags, or a whole grid from a sweep file.
 
     python orchestrator.py --model PATH_OR_ID --metric grad_x_weight --topk 200 --mode global \
         --perturb sign_flip --controls random_k,bottom_k --seeds 0,1,2 --stability-check \
         --save-plots --data-file corpus.txt --out-dir results/x
+
+    python orchestrator.py --sweep sweeps/smoke.yaml [--dry-run] [--address auto] [--tracking-uri URI]
+
+``builtin:demo`` as --model or --data-file means the small model trained (once, cached) on
+the Python standard library's docstrings, and that corpus: no download needed.
 
 Bad input exits with status 2 and one line naming the flag and the allowed values.
 """
@@ -80,7 +85,12 @@ def build_parser() -> OneLineParser:
     p.add_argument("--eval-batch-size", type=int, default=8)
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     p.add_argument("--trust-remote-code", action="store_true")
-    p.add_argument("--out-dir", help="output folder")
+    p.add_argument("--out-dir", help="output folder (with --sweep: results root, default results/<name>)")
+    p.add_argument("--sweep", help="YAML sweep file: run its whole grid on Ray")
+    p.add_argument("--dry-run", action="store_true", help="with --sweep: print the cell table, start nothing")
+    p.add_argument("--address", default=None, help="with --sweep: join this Ray cluster (e.g. auto)")
+    p.add_argument("--tracking-uri", default=None, help="with --sweep: MLflow tracking URI")
+    p.add_argument("--num-cpus", type=int, default=None, help="with --sweep: CPUs for a local Ray")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -105,12 +115,74 @@ def config_from_args(args: argparse.Namespace):
         raise UsageError(f"{flag(e.key)}: {str(e).split(': ', 1)[1]}") from None
 
 
+def demo_paths() -> tuple[str, str]:
+    """(model dir, corpus file) of the built-in demo, trained and cached at first use."""
+    from cwa_core.demo import ensure_demo_assets
+
+    assets = ensure_demo_assets(progress=True)
+    return str(assets.model_dir), str(assets.corpus_path)
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    from cwa_core.sweep import spec as sweep_spec
+    from cwa_core.sweep.plan import format_table, make_plan
+
+    single = [f for f in ("model", "metric", "topk", "data_file", "eval_file") if getattr(args, f) is not None]
+    if single:
+        raise UsageError(f"{flag(single[0])}: with --sweep, settings come from the sweep file; allowed with --sweep: "
+                         "--dry-run, --address, --tracking-uri, --out-dir, --num-cpus, --no-progress")
+    try:
+        sweep = sweep_spec.load(args.sweep, demo_paths_fn=None if args.dry_run else demo_paths)
+    except sweep_spec.SpecError as e:
+        raise UsageError(str(e)) from None
+    plan = make_plan(sweep.cells)
+    if args.dry_run:
+        print(format_table(plan.rows()))
+        counts = plan.counts()
+        print(f"{counts['cells']} cells over {counts['models']} model(s): {counts['baselines']} baseline evaluation(s), "
+              f"{counts['scoring_passes']} scoring pass(es), {counts['evaluations']} perturbed evaluations")
+        return 0
+    from cwa_core.sweep.runner import SweepRunner
+
+    root = Path(args.out_dir) if args.out_dir else Path("results") / sweep.name
+    manifest = SweepRunner(sweep, root, address=args.address, tracking_uri=args.tracking_uri,
+                           progress=not args.no_progress, num_cpus=args.num_cpus).run()
+    cells = manifest["cells"]
+    n_done = sum(c["status"] == "finished" for c in cells.values())
+    n_failed = sum(c["status"] == "failed" for c in cells.values())
+    print(f"sweep {sweep.name}: {n_done}/{len(cells)} cells finished, {n_failed} failed; "
+          f"results in {root}" + (f"; MLflow: {manifest['mlflow']['tracking_uri']}" if "mlflow" in manifest else ""))
+    _sweep_summary(root, sweep)
+    return 0 if n_failed == 0 else 1
+
+
+def _sweep_summary(root: Path, sweep) -> None:
+    import json
+
+    for cell in sweep.cells:
+        f = root / cell.id / "perturbation_results.json"
+        if not f.exists():
+            continue
+        res = json.loads(f.read_text())
+        by: dict[str, list[float]] = {}
+        for r in res["results"]:
+            by.setdefault(r["selection"], []).append(r["ppl_ratio"])
+        ratios = "  ".join(f"{k} x{sum(v) / len(v):.3f}" for k, v in by.items())
+        c = cell.config
+        print(f"  {cell.id}  {c.metric:14s} {c.mode:9s} K={c.topk:<6d} {c.perturb:10s} {ratios}")
+
+
 def run_single(args: argparse.Namespace) -> int:
     from cwa_core.config import ConfigError
     from cwa_core.experiment import DataError, run_experiment
     from cwa_core.models import ModelLoadError, load_model
     from cwa_core.outputs import write_experiment, write_failure
 
+    if "builtin:demo" in (args.model, args.data_file, args.eval_file):
+        model_dir, corpus = demo_paths()
+        for key, value in (("model", model_dir), ("data_file", corpus), ("eval_file", corpus)):
+            if getattr(args, key) == "builtin:demo":
+                setattr(args, key, value)
     cfg = config_from_args(args)
     started = time.perf_counter()
     try:
@@ -153,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("CWA_LOG", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         args = build_parser().parse_args(argv)
-        return run_single(args)
+        return run_sweep(args) if args.sweep else run_single(args)
     except UsageError as e:
         print(f"orchestrator.py: error: {e}", file=sys.stderr)
         return EXIT_USAGE

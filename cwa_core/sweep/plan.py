@@ -1,0 +1,90 @@
+"""The plan: which work the cells share.
+
+One model load per actor; one baseline perplexity per (model, evaluation settings); one scoring
+pass per (model, metric, seed, calibration settings) at the largest K and every mode any cell
+wants (smaller K are prefixes); one evaluation per (cell, seed, selection).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..config import ExperimentConfig
+from .spec import Cell, Sweep
+
+MODEL_FIELDS = ("model", "dtype", "device", "revision", "trust_remote_code")
+DATA_FIELDS = ("data_file", "eval_file", "bos", "max_length", "eval_length", "eval_samples")
+EVAL_FIELDS = DATA_FIELDS + ("eval_batch_size",)
+SCORE_FIELDS = DATA_FIELDS + ("metric", "max_samples", "param_types", "hutchinson_probes", "micro_batch",
+                              "stability_sample")
+
+
+def _key(cfg: ExperimentConfig, names: tuple[str, ...]) -> tuple:
+    return tuple((n, tuple(v) if isinstance(v := getattr(cfg, n), (list, tuple)) else v) for n in names)
+
+
+def model_key(cfg: ExperimentConfig) -> tuple:
+    return _key(cfg, MODEL_FIELDS)
+
+
+def baseline_key(cfg: ExperimentConfig) -> tuple:
+    return (model_key(cfg), _key(cfg, EVAL_FIELDS))
+
+
+def score_key(cfg: ExperimentConfig, seed: int) -> tuple:
+    return (model_key(cfg), _key(cfg, SCORE_FIELDS), ("seed", seed))
+
+
+@dataclass
+class ScoreTask:
+    key: tuple
+    config: ExperimentConfig  # any cell's config (the shared fields are what matter)
+    seed: int
+    k: int = 0
+    modes: set = field(default_factory=set)
+
+
+@dataclass
+class Plan:
+    cells: list[Cell]
+    models: dict[tuple, list[Cell]]  # model key -> its cells
+    baselines: dict[tuple, ExperimentConfig]
+    scores: dict[tuple, ScoreTask]
+
+    def rows(self) -> list[dict]:
+        """The cell table of ``--dry-run``."""
+        return [{"id": c.id, "model": c.settings["model"], "metric": c.config.metric, "mode": c.config.mode,
+                 "K": c.config.topk, "perturbation": c.config.perturb, "seeds": ",".join(map(str, c.config.seeds))}
+                for c in self.cells]
+
+    def counts(self) -> dict:
+        return {"cells": len(self.cells), "models": len(self.models), "baselines": len(self.baselines),
+                "scoring_passes": len(self.scores),
+                "evaluations": sum(len(c.config.seeds) * (1 + len(c.config.controls)) for c in self.cells)}
+
+
+def make_plan(cells: list[Cell]) -> Plan:
+    models: dict[tuple, list[Cell]] = {}
+    baselines: dict[tuple, ExperimentConfig] = {}
+    scores: dict[tuple, ScoreTask] = {}
+    for cell in cells:
+        cfg = cell.config
+        models.setdefault(model_key(cfg), []).append(cell)
+        baselines.setdefault(baseline_key(cfg), cfg)
+        for seed in cfg.seeds:
+            task = scores.setdefault(score_key(cfg, seed), ScoreTask(score_key(cfg, seed), cfg, seed))
+            task.k = max(task.k, cfg.topk)
+            task.modes.add(cfg.mode)
+    return Plan(cells, models, baselines, scores)
+
+
+def format_table(rows: list[dict]) -> str:
+    if not rows:
+        return "(no cells)"
+    cols = list(rows[0])
+    width = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
+    line = lambda r: "  ".join(str(r[c]).ljust(width[c]) for c in cols)
+    return "\n".join([line({c: c for c in cols}), line({c: "-" * width[c] for c in cols}), *map(line, rows)])
+
+
+def sweep_plan(sweep: Sweep) -> Plan:
+    return make_plan(sweep.cells)

@@ -1,0 +1,316 @@
+"""Run a sweep on Ray: one actor group per model, work shared as the plan says, results
+written per cell (single-experiment layout) and tracked in MLflow by the driver alone.
+
+``sweep_manifest.json`` is rewritten (atomically) after every cell, so a killed sweep loses at
+most the cells in flight; running it again skips finished cells by id.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from ..evaluate import Perplexity
+from ..experiment import ExperimentResult, SeedScores, stability_report
+from ..outputs import write_experiment, write_json
+from ..selection import tensor_offsets
+from .plan import Plan, baseline_key, make_plan, model_key, score_key
+from .spec import Cell, Sweep
+from .worker import ModelWorker
+
+log = logging.getLogger(__name__)
+MANIFEST = "sweep_manifest.json"
+
+
+def _offsets(tensors: list[dict]):
+    import math
+
+    import torch
+
+    sizes = torch.tensor([math.prod(t["shape"]) for t in tensors], dtype=torch.long)
+    return torch.cumsum(sizes, 0) - sizes
+
+
+def init_ray(address: str | None, num_cpus: int | None = None, num_gpus: int | None = None):
+    """Join ``address`` or start a local Ray that listens on the loopback address only."""
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        # On Linux this makes every Ray process (GCS, raylet, workers, dashboard) bind to
+        # 127.0.0.1 instead of all interfaces; tests/test_sweep_ray.py checks the sockets.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        kw = {"num_cpus": num_cpus} if num_cpus else {}
+        if num_gpus is not None:
+            kw["num_gpus"] = num_gpus
+        ctx = ray.init(log_to_driver=False, **kw)
+        url = getattr(ctx, "dashboard_url", None)
+        if url:
+            log.info("Ray dashboard: http://%s", url)
+    return ray
+
+
+class _Progress:
+    """One live line per model and one overall: done, running, failed, elapsed, time left."""
+
+    def __init__(self, plan: Plan, enabled: bool) -> None:
+        self.bars = {}
+        self.state: dict = {}
+        total = len(plan.cells)
+        self.overall = tqdm(total=total, desc="sweep", position=0, disable=not enabled, unit="cell", dynamic_ncols=True)
+        for i, (mk, cells) in enumerate(plan.models.items(), start=1):
+            name = Path(str(cells[0].settings["model"])).name
+            self.bars[mk] = tqdm(total=len(cells), desc=f"  {name}", position=i, disable=not enabled, unit="cell",
+                                 dynamic_ncols=True)
+            self.state[mk] = {"running": 0, "failed": 0}
+        self.state["all"] = {"running": 0, "failed": 0}
+
+    def update(self, mk: tuple, *, done: int = 0, running: int = 0, failed: int = 0) -> None:
+        for key, bar in ((mk, self.bars[mk]), ("all", self.overall)):
+            st = self.state[key]
+            st["running"] += running
+            st["failed"] += failed
+            bar.update(done + failed)
+            bar.set_postfix_str(f"running {st['running']}, failed {st['failed']}")
+
+    def close(self) -> None:
+        for b in [*self.bars.values(), self.overall]:
+            b.close()
+
+
+def _read_manifest(root: Path) -> dict:
+    p = root / MANIFEST
+    if p.exists():
+        return json.loads(p.read_text())
+    return {}
+
+
+def finished_cells(root: Path) -> set[str]:
+    """Cells whose manifest says finished and whose folder holds a finished manifest."""
+    m = _read_manifest(root)
+    done = set()
+    for cid, c in m.get("cells", {}).items():
+        cm = root / cid / "manifest.json"
+        if c.get("status") == "finished" and cm.exists() and json.loads(cm.read_text()).get("status") == "finished":
+            done.add(cid)
+    return done
+
+
+class SweepRunner:
+    def __init__(self, sweep: Sweep, out_root: Path, *, address: str | None = None, tracking_uri: str | None = None,
+                 progress: bool = True, num_cpus: int | None = None, num_gpus: int | None = None) -> None:
+        self.sweep = sweep
+        self.root = Path(out_root)
+        self.address = address
+        self.tracking_uri = tracking_uri or sweep.tracking.tracking_uri
+        self.progress = progress
+        self.num_cpus, self.num_gpus = num_cpus, num_gpus
+        self.manifest = _read_manifest(self.root) or {"name": sweep.name, "cells": {}}
+
+    # -- bookkeeping -----------------------------------------------------------------------
+    def _save(self) -> None:
+        write_json(self.root / MANIFEST, self.manifest)
+
+    def run(self) -> dict:
+        t0 = time.perf_counter()
+        done = finished_cells(self.root)
+        pending = [c for c in self.sweep.cells if c.id not in done]
+        self.manifest.update({"name": self.sweep.name, "spec_hash": self.sweep.spec_hash,
+                              "sweep_file": str(self.sweep.path) if self.sweep.path else None})
+        for c in self.sweep.cells:
+            self.manifest["cells"].setdefault(c.id, {"status": "pending", "settings": c.settings})
+        if not pending:
+            log.info("sweep %s: all %d cells already finished; nothing to do", self.sweep.name, len(self.sweep.cells))
+            return self.manifest
+        self.root.mkdir(parents=True, exist_ok=True)
+        plan = make_plan(pending)
+        tracker = None
+        if self.sweep.tracking.enabled:
+            from .tracking import Tracker
+
+            tracker = Tracker(self.tracking_uri, self.sweep.tracking.experiment or self.sweep.name)
+            self.manifest["mlflow"] = {"tracking_uri": tracker.uri, "experiment": tracker.experiment}
+            self.manifest["parent_run_id"] = tracker.start_sweep(self.sweep, self.manifest.get("parent_run_id"))
+        self._save()
+        status = "FAILED"
+        try:
+            self._execute(plan, tracker)
+            status = "FINISHED" if all(self.manifest["cells"][c.id]["status"] == "finished" for c in pending) else "FAILED"
+        finally:
+            self.manifest.setdefault("runs", []).append({"started_cells": len(pending), "seconds": time.perf_counter() - t0,
+                                                         "status": status})
+            self._save()
+            if tracker:
+                tracker.end_sweep(self.manifest["parent_run_id"], status, {
+                    "cells_finished": sum(c["status"] == "finished" for c in self.manifest["cells"].values()),
+                    "model_loads": self.manifest.get("model_loads", 0)})
+        return self.manifest
+
+    # -- execution -------------------------------------------------------------------------
+    def _execute(self, plan: Plan, tracker) -> None:
+        ray = init_ray(self.address, self.num_cpus, self.num_gpus)
+        res = self.sweep.resources
+        remote_cls = ray.remote(_RayWorker)
+        groups = {}
+        for mk, cells in plan.models.items():
+            cfg = cells[0].config
+            opts = {"num_cpus": res.cpus_per_actor, "num_gpus": res.gpus_per_actor, "max_restarts": 0}
+            device_map = "auto" if res.gpus_per_actor > 1 else None
+            threads = max(1, int(res.cpus_per_actor)) if res.cpus_per_actor else None
+            groups[mk] = [remote_cls.options(**opts).remote(cfg, threads=threads, device_map=device_map)
+                          for _ in range(res.actors_per_model)]
+        outstanding = {g: [0] * len(a) for g, a in groups.items()}
+
+        def submit(mk, method: str, *args):
+            i = min(range(len(groups[mk])), key=lambda j: outstanding[mk][j])
+            outstanding[mk][i] += 1
+            return getattr(groups[mk][i], method).remote(*args), (mk, i)
+
+        pending: dict = {}  # object ref -> (what, key, actor slot)
+        baselines: dict[tuple, dict] = {}
+        scores: dict[tuple, dict] = {}
+        evals: dict[tuple, dict] = {}  # (cell id, seed, kind) -> row
+        failed_keys: dict[tuple, str] = {}
+        prog = _Progress(plan, self.progress)
+        cell_state = {c.id: "waiting" for c in plan.cells}
+        for bk, cfg in plan.baselines.items():
+            ref, slot = submit(model_key(cfg), "baseline", cfg)
+            pending[ref] = ("baseline", bk, slot)
+        for sk, task in plan.scores.items():
+            cfg = replace(task.config, topk=task.k)
+            ref, slot = submit(model_key(cfg), "score", cfg, task.seed, task.k, tuple(sorted(task.modes)))
+            pending[ref] = ("score", sk, slot)
+        for c in plan.cells:
+            prog.update(model_key(c.config), running=1)
+
+        def cell_inputs_ready(cell: Cell) -> bool:
+            cfg = cell.config
+            return baseline_key(cfg) in baselines and all(score_key(cfg, s) in scores for s in cfg.seeds)
+
+        def try_finish(cell: Cell) -> None:
+            cfg = cell.config
+            kinds = ("top_k", *cfg.controls)
+            if cell_state[cell.id] != "evaluating":
+                return
+            if not all((cell.id, s, k) in evals for s in cfg.seeds for k in kinds):
+                return
+            self._finish_cell(cell, baselines[baseline_key(cfg)], [scores[score_key(cfg, s)] for s in cfg.seeds],
+                              [evals[(cell.id, s, k)] for s in cfg.seeds for k in kinds], tracker)
+            cell_state[cell.id] = "finished"
+            prog.update(model_key(cfg), done=1, running=-1)
+
+        def fail_cell(cell: Cell, why: str) -> None:
+            if cell_state[cell.id] in ("finished", "failed"):
+                return
+            cell_state[cell.id] = "failed"
+            self.manifest["cells"][cell.id].update({"status": "failed", "error": why})
+            self._save()
+            prog.update(model_key(cell.config), failed=1, running=-1)
+
+        try:
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                ref = ready[0]
+                what, key, (mk, i) = pending.pop(ref)
+                outstanding[mk][i] -= 1
+                try:
+                    value = ray.get(ref)
+                except Exception as e:  # a task or its actor failed: fail what depends on it
+                    why = f"{what} task failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                    log.error("%s", why)
+                    failed_keys[key] = why
+                    for c in plan.cells:
+                        ck = c.config
+                        deps = {baseline_key(ck), *(score_key(ck, s) for s in ck.seeds)}
+                        if key in deps or (what == "evaluate" and key[0] == c.id):
+                            fail_cell(c, why)
+                    continue
+                if what == "baseline":
+                    baselines[key] = value
+                elif what == "score":
+                    scores[key] = value
+                else:
+                    evals[key] = value
+                for c in plan.cells:
+                    if cell_state[c.id] == "waiting" and cell_inputs_ready(c):
+                        cell_state[c.id] = "evaluating"
+                        cfg = c.config
+                        for s in cfg.seeds:
+                            ss: SeedScores = scores[score_key(cfg, s)]["scores"]
+                            for kind in ("top_k", *cfg.controls):
+                                ref2, slot = submit(model_key(cfg), "evaluate", cfg, ss.selection(kind, cfg.mode, cfg.topk), s)
+                                pending[ref2] = ("evaluate", (c.id, s, kind), slot)
+                    if what == "evaluate" and key[0] == c.id:
+                        try_finish(c)
+        finally:
+            prog.close()
+            infos = []
+            for mk, actors in groups.items():
+                for a in actors:
+                    try:
+                        infos.append(ray.get(a.info.remote(), timeout=60))
+                    except Exception as e:  # a dead actor: count what we can
+                        log.warning("actor info unavailable: %s", type(e).__name__)
+                    ray.kill(a)
+            self.manifest["model_loads"] = self.manifest.get("model_loads", 0) + sum(x["counts"]["model_loads"] for x in infos)
+            self.manifest["scoring_passes"] = self.manifest.get("scoring_passes", 0) + sum(x["counts"]["scoring_passes"] for x in infos)
+            self.manifest.setdefault("actors", []).extend(
+                {"node": x.get("node"), "gpus": x.get("gpus"), "model": x["model"]["model_id"], "counts": x["counts"],
+                 "load_seconds": x["load_seconds"]} for x in infos)
+            self.manifest["scoring_passes_by_key"] = sorted({f"{dict(k[1])['metric']}/seed{k[2][1]}" for k in scores})
+
+    def _finish_cell(self, cell: Cell, baseline: dict, scored: list[dict], rows: list[dict], tracker) -> None:
+        cfg = cell.config
+        base: Perplexity = baseline["ppl"]
+        results = []
+        for r in rows:
+            r = {k: v for k, v in r.items() if k != "seconds"}
+            r["ppl_ratio"] = r["ppl"] / base.ppl
+            results.append(r)
+        seed_scores = [s["scores"] for s in scored]
+        tensors = scored[0]["tensors"]
+        stability = None
+        if cfg.stability_check:
+            stability = stability_report(seed_scores, k=cfg.topk, mode=cfg.mode, offsets=_offsets(tensors))
+        timings = {"baseline_ppl (shared)": baseline["seconds"], "score (shared)": sum(s.seconds for s in seed_scores),
+                   "perturb_eval": sum(r["seconds"] for r in rows)}
+        result = ExperimentResult(replace(cfg, out_dir=str(self.root / cell.id)), base, results, seed_scores, stability,
+                                  baseline["data"], tensors, timings)
+        cell_dir = self.root / cell.id
+        t = time.perf_counter()
+        info = baseline["model"]
+        write_experiment(cell_dir, result, model_info=info, device=info["device"], dtype=info["dtype"], started=t)
+        entry = self.manifest["cells"][cell.id]
+        entry.update({"status": "finished", "seconds": sum(timings.values()), "dir": cell.id, "error": None})
+        if tracker:
+            if tracker.forget_cell(cell.id):
+                log.warning("cell %s was half-logged by an interrupted run; logged again", cell.id)
+            entry["mlflow_run_id"] = tracker.log_cell(self.manifest["parent_run_id"], cell,
+                                                      result.perturbation_report(), cell_dir)
+            if stability is not None:
+                skey = f"{cell.settings['model']}|{cfg.metric}|{cfg.mode}|K{cfg.topk}|seeds{','.join(map(str, cfg.seeds))}"
+                known = self.manifest.setdefault("stability_runs", {})
+                if skey not in known:
+                    known[skey] = tracker.log_stability(self.manifest["parent_run_id"], skey, cell, stability,
+                                                        cell_dir / "plots" / "stability_analysis.png")
+        self._save()
+
+
+class _RayWorker(ModelWorker):
+    """The thin Ray adapter: where the actor runs (for placement checks and the manifest)."""
+
+    def info(self) -> dict:
+        import ray
+
+        out = super().info()
+        ctx = ray.get_runtime_context()
+        out.update({"node": ctx.get_node_id(), "gpus": [str(g) for g in ray.get_gpu_ids()]})
+        return out

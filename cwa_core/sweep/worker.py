@@ -1,0 +1,95 @@
+"""The work an actor does, as a plain class: the runner wraps it with ``ray.remote``.
+
+A worker loads one model once and keeps it resident; it tokenizes each corpus once; it
+answers baseline, scoring and evaluation requests one at a time (an actor runs one task at a
+time, so perturbations never overlap).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import torch
+
+from ..architectures import scored_params
+from ..config import ExperimentConfig
+from ..data import DataSplit
+from ..evaluate import perplexity
+from ..experiment import evaluate_selection, load_split, score_seed
+from ..metrics import ScoreOptions
+from ..models import load_model
+from ..perturb import PerturbSpec
+from ..selection import Selection
+
+log = logging.getLogger(__name__)
+
+
+class ModelWorker:
+    def __init__(self, config: ExperimentConfig, *, threads: int | None = None, device_map: str | None = None) -> None:
+        if threads:
+            torch.set_num_threads(max(1, int(threads)))
+        t = time.perf_counter()
+        self.loaded = load_model(config.model, dtype=config.dtype, device=config.device if not device_map else "auto",
+                                 device_map=device_map, revision=config.revision,
+                                 trust_remote_code=config.trust_remote_code)
+        self.load_seconds = time.perf_counter() - t
+        self.counts = {"model_loads": 1, "scoring_passes": 0, "baselines": 0, "evaluations": 0}
+        self._splits: dict[tuple, DataSplit] = {}
+        self._refs: dict[tuple, list] = {}
+
+    # -- caches --------------------------------------------------------------------------
+    def _split(self, cfg: ExperimentConfig) -> DataSplit:
+        key = (cfg.data_file, cfg.eval_file, cfg.bos, cfg.max_length, cfg.resolved_eval_length, cfg.eval_samples)
+        if key not in self._splits:
+            self._splits[key] = load_split(cfg, self.loaded.tokenizer)
+        return self._splits[key]
+
+    def _refs_for(self, param_types: tuple) -> list:
+        if param_types not in self._refs:
+            self._refs[param_types] = scored_params(self.loaded.model, param_types)
+        return self._refs[param_types]
+
+    # -- tasks ---------------------------------------------------------------------------
+    def info(self) -> dict:
+        return {"pid": os.getpid(), "model": self.loaded.info.__dict__, "load_seconds": self.load_seconds,
+                "counts": dict(self.counts)}
+
+    def baseline(self, cfg: ExperimentConfig) -> dict:
+        t = time.perf_counter()
+        split = self._split(cfg)
+        ppl = perplexity(self.loaded.model, split.eval_windows(), batch_size=cfg.eval_batch_size)
+        self.counts["baselines"] += 1
+        return {"ppl": ppl, "data": split.describe(), "seconds": time.perf_counter() - t,
+                "model": dict(self.loaded.info.__dict__)}
+
+    def score(self, cfg: ExperimentConfig, seed: int, k: int, modes: tuple[str, ...]) -> dict:
+        """One scoring pass; only selections, samples and statistics leave the worker."""
+        split = self._split(cfg)
+        refs = self._refs_for(tuple(cfg.param_types))
+        ss = score_seed(self.loaded.model, refs, split, metric=cfg.metric, seed=seed, k=k, modes=modes,
+                        max_samples=cfg.max_samples, opts=ScoreOptions(cfg.micro_batch, cfg.hutchinson_probes),
+                        stability_sample=cfg.stability_sample)
+        self.counts["scoring_passes"] += 1
+        tensors = [{"name": r.name, "layer": r.layer, "param_type": r.param_type, "shape": list(r.shape)} for r in refs]
+        return {"scores": ss, "tensors": tensors}
+
+    def evaluate(self, cfg: ExperimentConfig, selection: Selection, seed: int) -> dict:
+        split = self._split(cfg)
+        refs = self._refs_for(tuple(cfg.param_types))
+        spec = PerturbSpec(cfg.perturb, cfg.perturb_scale, cfg.perturb_bit, seed)
+        t = time.perf_counter()
+        row = evaluate_selection(self.loaded.model, refs, selection, spec, split.eval_windows(), _UNIT, seed=seed,
+                                 batch_size=cfg.eval_batch_size)
+        self.counts["evaluations"] += 1
+        row["seconds"] = time.perf_counter() - t
+        return row
+
+
+class _Unit:
+    """A stand-in baseline of perplexity 1: the driver divides by the real baseline."""
+
+    ppl = 1.0
+
+
+_UNIT = _Unit()
