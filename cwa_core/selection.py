@@ -111,33 +111,40 @@ def _unique_in_order(draws: np.ndarray) -> np.ndarray:
     return draws[np.sort(first)]
 
 
+DENSE_LIMIT = 1 << 22  # up to here a permutation is cheap (32 MB of int64)
+
+
 def sample_without_replacement(n: int, k: int, rng: np.random.Generator) -> np.ndarray:
-    """``k`` distinct uniform draws from ``range(n)`` in random order, in O(k) memory."""
+    """``k`` distinct uniform draws from ``range(n)`` in random order, in O(k) memory.
+
+    The draws do not depend on ``k`` (same rng state, same stream of candidates), so the
+    first ``k`` of a larger draw are exactly a smaller draw: sweeps take prefixes.
+    """
     if k > n:
         raise ValueError(f"cannot draw {k} distinct items from {n}")
-    if k * 4 >= n:  # dense: a permutation costs no more than the answer
+    if n <= DENSE_LIMIT:
         return rng.permutation(n)[:k]
     out = np.empty(0, dtype=np.int64)
+    block = 4096
     while len(out) < k:
-        more = rng.integers(0, n, size=int((k - len(out)) * 1.2) + 16, dtype=np.int64)
-        out = _unique_in_order(np.concatenate([out, more]))
+        out = _unique_in_order(np.concatenate([out, rng.integers(0, n, size=block, dtype=np.int64)]))
+        block = min(block * 2, 1 << 20)
     return out[:k]
 
 
 def random_selection(refs: Sequence[ParamRef], k: int, mode: str, seed: int) -> Selection:
     """``random_k``: ``k`` uniform draws per tensor, or ``k`` over all weights (global)."""
-    rng = np.random.default_rng([seed, 0x5E1EC7])
     sizes = np.array([r.numel for r in refs], dtype=np.int64)
     if mode == "per_layer":
         tids, idx = [], []
-        for t, n in enumerate(sizes):
-            draw = sample_without_replacement(int(n), min(k, int(n)), rng)
+        for t, n in enumerate(sizes):  # one stream per tensor: independent of k and of the others
+            draw = sample_without_replacement(int(n), min(k, int(n)), np.random.default_rng([seed, 0x5E1EC7, t]))
             tids.append(np.full(len(draw), t, dtype=np.int64))
             idx.append(draw)
         tid, flat = np.concatenate(tids), np.concatenate(idx)
     elif mode == "global":
         total = int(sizes.sum())
-        g = sample_without_replacement(total, min(k, total), rng)
+        g = sample_without_replacement(total, min(k, total), np.random.default_rng([seed, 0x5E1EC7]))
         ends = np.cumsum(sizes)
         tid = np.searchsorted(ends, g, side="right")
         flat = g - (ends - sizes)[tid]

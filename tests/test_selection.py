@@ -69,10 +69,12 @@ def test_prefix_of_largest_k_equals_smaller_k():
             a, b = big.selection(kind, mode).prefix(7), small.selection(kind, mode)
             torch.testing.assert_close(a.scores, b.scores)
             assert torch.equal(a.tensor_ids, b.tensor_ids)
-    r50 = random_selection(refs, 50, "global", seed=3)
-    r7 = random_selection(refs, 7, "global", seed=3)
-    assert torch.equal(r50.prefix(7).flat_idx, r50.flat_idx[:7])
-    assert len(r7) == 7
+    for mode in ("per_layer", "global"):
+        r50, r7 = random_selection(refs, 50, mode, seed=3), random_selection(refs, 7, mode, seed=3)
+        assert torch.equal(r50.prefix(7).flat_idx, r7.flat_idx) and torch.equal(r50.prefix(7).tensor_ids, r7.tensor_ids)
+    rng = lambda: np.random.default_rng(5)
+    big = sample_without_replacement(10**10, 9000, rng())  # the sparse path, several blocks
+    assert np.array_equal(big[:100], sample_without_replacement(10**10, 100, rng()))
 
 
 def test_random_k_is_distinct_seeded_and_covers_tensors_in_proportion():
