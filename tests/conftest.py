@@ -21,3 +21,24 @@ def assets() -> Path:
     if not STORIES.exists():
         pytest.fail(f"test assets missing at {ASSETS}; set CWA_ASSETS")
     return ASSETS
+
+# The demo model is built once per checkout for the test session (a fresh clone builds it
+# from scratch, so CI exercises the real first-use path).
+os.environ.setdefault("CWA_CACHE", str(ROOT / ".cache" / "cwa-test"))
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the session (starting one costs seconds), loopback only."""
+    from cwa_core.sweep.runner import init_ray
+
+    ray = init_ray(None, num_cpus=2)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def demo_assets():
+    from cwa_core.demo import ensure_demo_assets
+
+    return ensure_demo_assets(progress=False)

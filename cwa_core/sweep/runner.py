@@ -38,6 +38,11 @@ def _offsets(tensors: list[dict]):
 
 def init_ray(address: str | None, num_cpus: int | None = None, num_gpus: int | None = None):
     """Join ``address`` or start a local Ray that listens on the loopback address only."""
+    if not address:
+        # On Linux this makes every Ray process (GCS, raylet, workers, dashboard) bind to
+        # 127.0.0.1 instead of all interfaces. Ray reads it when first imported, so it is set
+        # before the import; tests/test_sweep_ray.py checks the sockets.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
     if ray.is_initialized():
@@ -45,9 +50,11 @@ def init_ray(address: str | None, num_cpus: int | None = None, num_gpus: int | N
     if address:
         ray.init(address=address, log_to_driver=False)
     else:
-        # On Linux this makes every Ray process (GCS, raylet, workers, dashboard) bind to
-        # 127.0.0.1 instead of all interfaces; tests/test_sweep_ray.py checks the sockets.
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        from ray._private import ray_constants
+
+        if ray_constants.ENABLE_RAY_CLUSTER:
+            log.warning("Ray was imported before the loopback setting; this local Ray may listen on all "
+                        "interfaces (set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before importing ray)")
         kw = {"num_cpus": num_cpus} if num_cpus else {}
         if num_gpus is not None:
             kw["num_gpus"] = num_gpus
