@@ -27,6 +27,15 @@ def _flat(settings: dict) -> dict[str, str]:
     return {k: (",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)) for k, v in settings.items()}
 
 
+def _artifact_root(uri: str, experiment: str) -> str | None:
+    """Artifacts beside a SQLite store (``<db dir>/mlruns/<experiment>``), not in whatever the
+    current directory happens to be; other stores keep MLflow's own default."""
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):]).expanduser().resolve()
+        return (db.parent / "mlruns" / experiment).as_uri()
+    return None
+
+
 class Tracker:
     """A thin wrapper over ``MlflowClient`` with explicit run ids (no global active run)."""
 
@@ -37,7 +46,10 @@ class Tracker:
         self.uri = tracking_uri or mlflow.get_tracking_uri()
         self.client = MlflowClient(tracking_uri=self.uri)
         exp = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+        if exp is None:
+            self.experiment_id = self.client.create_experiment(experiment, artifact_location=_artifact_root(self.uri, experiment))
+        else:
+            self.experiment_id = exp.experiment_id
         self.experiment = experiment
 
     # -- helpers ---------------------------------------------------------------------------
