@@ -1,0 +1,34 @@
+# Two commands do everything, set-up included, on a fresh machine:
+#   make smoke   # the embedded default: a small built-in model, a real sweep, MLflow tracking
+#   make test    # the test suite
+# PyTorch: a CUDA machine should install its own torch build into .venv first (or set
+# TORCH_SPEC); the default pin takes the CPU build where one lies on disk, PyPI's otherwise.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.cwa-installed
+
+.PHONY: setup smoke test bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install "$(TORCH_SPEC)"
+	$(BIN)/pip install -e ".[test]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+smoke: setup
+	$(BIN)/python orchestrator.py --sweep sweeps/smoke.yaml
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	MALLOC_MMAP_THRESHOLD_=65536 $(BIN)/python -m benchmarks.topk
+	MALLOC_MMAP_THRESHOLD_=65536 $(BIN)/python -m benchmarks.gradient_memory
+	MALLOC_MMAP_THRESHOLD_=65536 $(BIN)/python -m benchmarks.perturb
+
+clean:
+	rm -rf results mlruns mlflow.db .pytest_cache
