@@ -110,7 +110,7 @@ class Tracker:
                   metrics={"baseline_ppl": result["baseline"]["ppl"],
                            **{f"{k}_ppl_ratio_mean": sum(v) / len(v) for k, v in means.items()}})
         for r in result["results"]:
-            child = self._run(f"{r['selection']}/seed{r['seed']}", run_id, {TAG_CELL: cell.id, TAG_KIND: "seed"})
+            child = self._run(f"{name}/{r['selection']}/seed{r['seed']}", run_id, {TAG_CELL: cell.id, TAG_KIND: "seed"})
             self._log(child, params={"model": cell.settings["model"], "metric": cfg.metric, "mode": cfg.mode,
                                      "topk": cfg.topk, "perturbation": cfg.perturb, "selection": r["selection"],
                                      "seed": r["seed"], "cell_id": cell.id},
