@@ -91,6 +91,7 @@ def build_parser() -> OneLineParser:
     p.add_argument("--address", default=None, help="with --sweep: join this Ray cluster (e.g. auto)")
     p.add_argument("--tracking-uri", default=None, help="with --sweep: MLflow tracking URI")
     p.add_argument("--num-cpus", type=int, default=None, help="with --sweep: CPUs for a local Ray")
+    p.add_argument("--overwrite", action="store_true", help="replace an experiment already in --out-dir")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -184,6 +185,9 @@ def run_single(args: argparse.Namespace) -> int:
             if getattr(args, key) == "builtin:demo":
                 setattr(args, key, value)
     cfg = config_from_args(args)
+    if (Path(cfg.out_dir) / "manifest.json").exists() and not args.overwrite:
+        raise UsageError(f"--out-dir: {cfg.out_dir} already holds an experiment (manifest.json); "
+                         "choose another folder or pass --overwrite")
     started = time.perf_counter()
     try:
         loaded = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, revision=cfg.revision,

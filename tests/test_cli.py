@@ -78,6 +78,14 @@ def test_bad_flags_exit_2_with_one_line_and_write_nothing(extra, flag, allowed, 
     assert not out.exists()
 
 
+def test_an_existing_experiment_is_not_overwritten_silently(done_when_run, capsys):
+    before = (done_when_run / "manifest.json").read_text()
+    rc = orchestrator.main(GOOD + ["--out-dir", str(done_when_run), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "--out-dir" in err[0] and "--overwrite" in err[0]
+    assert (done_when_run / "manifest.json").read_text() == before
+
+
 def test_missing_required_flag_and_real_process_has_no_traceback(tmp_path):
     out = tmp_path / "out"
     p = subprocess.run([sys.executable, str(ROOT / "orchestrator.py"), "--model", str(STORIES), "--metric",
