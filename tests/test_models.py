@@ -353,13 +353,6 @@ def test_resolve_device_cuda_without_cuda(name):
         resolve_device(name)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_resolve_device_cuda():  # pragma: no cover - GPU machines only
-    assert resolve_device("cuda").type == "cuda"
-    with pytest.raises(ValueError, match="CUDA device"):
-        resolve_device(f"cuda:{torch.cuda.device_count()}")
-
-
 def test_model_load_error_is_one_line():
     err = ModelLoadError("first\nsecond   third")
     assert str(err) == "first second third"

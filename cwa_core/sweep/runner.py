@@ -52,9 +52,9 @@ def init_ray(address: str | None, num_cpus: int | None = None, num_gpus: int | N
     else:
         from ray._private import ray_constants
 
-        if ray_constants.ENABLE_RAY_CLUSTER:
-            log.warning("Ray was imported before the loopback setting; this local Ray may listen on all "
-                        "interfaces (set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before importing ray)")
+        if os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0":
+            # ray read the variable when first imported; if that was before we set it, say it again
+            ray_constants.ENABLE_RAY_CLUSTER = False
         kw = {"num_cpus": num_cpus} if num_cpus else {}
         if num_gpus is not None:
             kw["num_gpus"] = num_gpus
