@@ -3,7 +3,10 @@
 Every metric calls ``sink(ref, scores)`` exactly once per :class:`ParamRef`, with ``scores`` a
 float32 tensor of the parameter's shape (on the parameter's device). Gradient metrics score a
 tensor inside its post-accumulate-grad hook and free the gradient at once, so no full set of
-gradients (or scores) exists at any time.
+gradients (or scores) exists at any time. While they run, each decoder block is checkpointed
+(its activations recomputed during the backward pass), so a calibration batch costs the
+activations of one block rather than of all of them, and the loss keeps only the logits for its
+backward pass (:class:`_LeanNLLSum`); the gradients are the same, bit for bit.
 """
 from __future__ import annotations
 
@@ -13,10 +16,11 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 from tqdm.auto import tqdm
 
-from .architectures import ParamRef
+from .architectures import ParamRef, UnsupportedArchitectureError, decoder_layers
 from .evaluate import logits_of, model_device, nll_sum
 from .registry import Registry
 
@@ -31,6 +35,10 @@ class ScoreOptions:
     hutchinson_probes: int = 16
     seed: int = 0  # Hutchinson probe vectors
     progress: bool = False
+    # Gradient metrics: recompute each decoder block's activations in the backward pass instead
+    # of keeping all of them (about one extra forward; same gradients). Not used for the
+    # double backward of hutchinson_diag.
+    checkpoint: bool = True
 
 
 @dataclass(frozen=True)
@@ -94,19 +102,113 @@ def _grad_only_for(model: nn.Module, refs: Sequence[ParamRef]) -> Iterator[None]
             p.grad = g
 
 
+_NO_FORWARD = object()
+
+
+@contextlib.contextmanager
+def checkpointed_blocks(model: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Meanwhile, run every decoder block under ``torch.utils.checkpoint`` (non-reentrant)
+    whenever gradients are enabled: only each block's input is kept for the backward pass, which
+    recomputes the block's activations when it reaches it. Gradients are unchanged (the same
+    operations run on the same inputs); the model's training flags are untouched.
+
+    The blocks' ``forward`` is wrapped on the instance and restored afterwards. A model whose
+    blocks the architecture table cannot find runs as it is.
+    """
+    if not enabled:
+        yield
+        return
+    try:
+        blocks = list(decoder_layers(model))
+    except (UnsupportedArchitectureError, AttributeError):
+        blocks = []
+    saved = []
+    for block in blocks:
+        saved.append((block, block.__dict__.get("forward", _NO_FORWARD)))
+        block.forward = _checkpointing(block.forward)
+    try:
+        yield
+    finally:
+        for block, fwd in saved:
+            if fwd is _NO_FORWARD:
+                del block.forward
+            else:
+                block.forward = fwd
+
+
+def _checkpointing(forward: Callable) -> Callable:
+    def run(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    return run
+
+
 def _chunks(calib: torch.Tensor, micro_batch: int | None) -> list[torch.Tensor]:
     mb = calib.shape[0] if not micro_batch else micro_batch
     return list(torch.split(calib, mb))
 
 
-def _mean_nll_parts(model: nn.Module, calib: torch.Tensor, opts: ScoreOptions, desc: str):
-    """Yield (is_last, loss part) whose sum is the mean next-token NLL over all windows."""
+_LOSS_CHUNK = 1 << 24  # logits elements per chunk of the lean loss (64 MiB in float32)
+
+
+class _LeanNLLSum(torch.autograd.Function):
+    """:func:`~cwa_core.evaluate.nll_sum` for a single backward, lean on memory.
+
+    ``nll_sum`` keeps a shifted copy of the (B, L, V) logits, their float32 log-softmax for the
+    backward pass, and in the backward pass a dense NLL gradient and the log-softmax gradient
+    at once: three to four logits-sized tensors. This keeps only the logits and builds their
+    gradient in place, chunk by chunk, with the same kernels on the same rows (log-softmax,
+    then its backward from the NLL gradient, then the cast to the logits' dtype), so the
+    gradient is the same bit for bit. It is not twice differentiable (Hutchinson uses nll_sum).
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(logits, ids)
+        total = torch.zeros((), dtype=torch.float64, device=logits.device)
+        for b, s, e in _loss_chunks(logits):
+            out = torch.log_softmax(logits[b, s:e].float(), -1)
+            total -= out.gather(1, ids[b, s + 1:e + 1, None]).sum(dtype=torch.float64)
+        return total.float()
+
+    @staticmethod
+    def backward(ctx, grad_total: torch.Tensor):
+        logits, ids = ctx.saved_tensors
+        grad = torch.zeros_like(logits)  # the last position predicts nothing: its rows stay 0
+        for b, s, e in _loss_chunks(logits):
+            out = torch.log_softmax(logits[b, s:e].float(), -1)
+            idx = ids[b, s + 1:e + 1, None]
+            g_out = torch.zeros_like(out).scatter_(1, idx, (-grad_total).to(out.dtype).expand(idx.shape))
+            grad[b, s:e] = torch._log_softmax_backward_data(g_out, out, -1, out.dtype)
+        return grad, None
+
+
+def _loss_chunks(logits: torch.Tensor):
+    """(window, first row, end row) over the rows that predict a next token."""
+    b, length, v = logits.shape
+    rows = max(1, _LOSS_CHUNK // v)
+    for w in range(b):
+        for s in range(0, length - 1, rows):
+            yield w, s, min(s + rows, length - 1)
+
+
+def _nll_sum(logits: torch.Tensor, ids: torch.Tensor, lean: bool) -> torch.Tensor:
+    if lean and logits.requires_grad and logits.dim() == 3:
+        return _LeanNLLSum.apply(logits, ids)
+    return nll_sum(logits, ids)
+
+
+def _mean_nll_parts(model: nn.Module, calib: torch.Tensor, opts: ScoreOptions, desc: str, lean: bool = True):
+    """Yield (is_last, loss part) whose sum is the mean next-token NLL over all windows.
+    ``lean``: for one plain backward (see :class:`_LeanNLLSum`); False where it is differentiated twice."""
     device = model_device(model)
     n_tok = calib.shape[0] * (calib.shape[1] - 1)
     parts = _chunks(calib, opts.micro_batch)
     for i, ids in enumerate(tqdm(parts, desc=desc, disable=not opts.progress, leave=False, unit="batch")):
         ids = ids.to(device, non_blocking=True)
-        yield i == len(parts) - 1, nll_sum(logits_of(model, ids), ids) / n_tok
+        yield i == len(parts) - 1, _nll_sum(logits_of(model, ids), ids, lean) / n_tok
 
 
 def _by_param(refs: Sequence[ParamRef]) -> dict[int, ParamRef]:
@@ -126,9 +228,11 @@ def _hooked_backward(model, refs, calib, opts, on_grad: Callable[[ParamRef, torc
 
     handles = [r.param.register_post_accumulate_grad_hook(hook) for r in refs]
     try:
-        for last, loss in _mean_nll_parts(model, calib, opts, desc):
-            armed[0] = last
-            loss.backward()
+        with checkpointed_blocks(model, opts.checkpoint):
+            for last, loss in _mean_nll_parts(model, calib, opts, desc):
+                armed[0] = last
+                loss.backward()
+                del loss
     finally:
         for h in handles:
             h.remove()
@@ -172,10 +276,11 @@ def _grad_squared(model, refs, calib, sink, opts):
 
     handles = [r.param.register_post_accumulate_grad_hook(hook) for r in refs]
     try:
-        for w in tqdm(range(calib.shape[0]), desc="grad_squared", disable=not opts.progress,
-                      leave=False, unit="window"):
-            window = calib[w : w + 1].to(device)
-            (nll_sum(logits_of(model, window), window) / (window.shape[1] - 1)).backward()
+        with checkpointed_blocks(model, opts.checkpoint):
+            for w in tqdm(range(calib.shape[0]), desc="grad_squared", disable=not opts.progress,
+                          leave=False, unit="window"):
+                window = calib[w : w + 1].to(device)
+                (_nll_sum(logits_of(model, window), window, True) / (window.shape[1] - 1)).backward()
     finally:
         for h in handles:
             h.remove()
@@ -200,7 +305,7 @@ def hutchinson_diagonal(model: nn.Module, refs: Sequence[ParamRef], calib: torch
         gen = torch.Generator(device=device).manual_seed(opts.seed * 1_000_003 + i)
         return [(torch.randint(0, 2, p.shape, generator=gen, device=device) * 2 - 1).to(p.dtype) for p in params]
 
-    for _, loss in _mean_nll_parts(model, calib, opts, "hutchinson"):
+    for _, loss in _mean_nll_parts(model, calib, opts, "hutchinson", lean=False):
         grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
         live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
         for start in range(0, n, probes_per_pass):

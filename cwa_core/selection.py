@@ -8,6 +8,7 @@ made per weight.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -83,20 +84,32 @@ def topk_stable(flat: torch.Tensor, k: int, largest: bool = True) -> tuple[torch
     """``torch.topk`` with a deterministic tie-break (lowest index wins), sorted.
 
     Deterministic ties make a smaller K exactly a prefix of a larger one, and make global
-    selections independent of how tensors were batched. Costs two extra passes over ``flat``;
-    the tied indices are enumerated only when ties straddle the cut.
+    selections independent of how tensors were batched. One ``topk`` of ``k + 1`` tells whether
+    ties straddle the cut; only then are the tied indices enumerated (one more pass).
     """
-    v, i = torch.topk(flat, k, largest=largest, sorted=True)
-    if k == 0:
-        return v, i
-    thr = v[-1]
-    ties_total = int((flat == thr).sum())
-    ties_taken = int((v == thr).sum())
-    if ties_total > ties_taken:  # ambiguous: take the lowest-index ties
-        keep = v != thr
-        tied = torch.nonzero(flat == thr).reshape(-1)[:ties_taken]
+    n = flat.numel()
+    if k == 0 or k >= n:
+        v, i = torch.topk(flat, k, largest=largest, sorted=True)
+        return (v, i) if k == 0 else _sorted_stable(v, i, largest)
+    v, i = torch.topk(flat, k + 1, largest=largest, sorted=True)
+    thr, nxt = v[k - 1], v[k]
+    v, i = v[:k], i[:k]
+    if bool(_same(nxt, thr)):  # ambiguous: an untaken entry equals the k-th; take the lowest-index ties
+        taken = _same(v, thr)
+        ties_taken = int(taken.sum())
+        keep = ~taken
+        tied = torch.nonzero(_same(flat, thr)).reshape(-1)[:ties_taken]
         v = torch.cat([v[keep], flat[tied]])
         i = torch.cat([i[keep], tied])
+    return _sorted_stable(v, i, largest)
+
+
+def _same(x: torch.Tensor, thr: torch.Tensor) -> torch.Tensor:
+    """``x == thr``, except that NaN counts as equal to NaN (topk ranks NaN above everything)."""
+    return torch.where(thr.isnan(), x.isnan(), x == thr)
+
+
+def _sorted_stable(v: torch.Tensor, i: torch.Tensor, largest: bool) -> tuple[torch.Tensor, torch.Tensor]:
     order = _order(v, i, largest)
     return v[order], i[order]
 
@@ -173,8 +186,19 @@ class TensorStats:
 
 def _kth(x: torch.Tensor, q: float) -> torch.Tensor:
     """Exact order statistic at quantile ``q`` (nearest rank); no size limit unlike quantile()."""
-    k = min(x.numel(), max(1, int(round(q * (x.numel() - 1))) + 1))
-    return torch.kthvalue(x, k).values
+    return torch.kthvalue(x, _rank(x.numel(), q)).values
+
+
+def _quantiles(flat: torch.Tensor, qs: Sequence[float], *, by_sort: bool | None = None) -> list[torch.Tensor]:
+    """Exact nearest-rank order statistics of a 1-D tensor. On the CPU by ``kthvalue``; on an
+    accelerator by one device-wide sort (CUDA's kthvalue gives each slice one thread block, so
+    a single slice of tens of millions of scores would crawl)."""
+    if by_sort is None:
+        by_sort = flat.device.type != "cpu"
+    if not by_sort:
+        return [_kth(flat, q) for q in qs]
+    srt = torch.sort(flat).values
+    return [srt[_rank(flat.numel(), q) - 1] for q in qs]
 
 
 def tensor_stats(ref: ParamRef, s: torch.Tensor) -> TensorStats:
@@ -182,9 +206,92 @@ def tensor_stats(ref: ParamRef, s: torch.Tensor) -> TensorStats:
     mean = flat.mean(dtype=torch.float64)
     std = flat.double().std() if flat.numel() > 1 else torch.zeros((), dtype=torch.float64)
     vals = torch.stack([mean, std, flat.min().double(), flat.max().double(),
-                        _kth(flat, 0.50).double(), _kth(flat, 0.95).double(), _kth(flat, 0.99).double()])
+                        *(v.double() for v in _quantiles(flat, (0.50, 0.95, 0.99)))])
     m, sd, lo, hi, p50, p95, p99 = vals.tolist()  # one host sync per tensor
     return TensorStats(ref.name, ref.layer, ref.param_type, ref.shape, flat.numel(), m, sd, lo, hi, p50, p95, p99)
+
+
+# --------------------------------------------------------------------------- CPU fast path
+# On the CPU, torch.topk and torch.kthvalue cost several passes over a tensor each (kthvalue
+# copies values *and* int64 indices). One float32 copy partitioned in place by numpy yields every
+# order statistic a collector needs (both cut-offs, min, median, p95, p99, max) in about two
+# passes; the selected indices then come from one comparison pass. Same answers, ties included.
+
+_CHUNK = 1 << 20
+
+
+def _select_positions(y: np.ndarray, positions: Sequence[int]) -> None:
+    """Partition ``y`` in place so that ``y[p]`` is its ``p``-th smallest for every ``p``."""
+    todo = [(0, y.size, sorted(set(positions)))]
+    while todo:
+        lo, hi, ps = todo.pop()
+        if not ps:
+            continue
+        mid = (lo + hi) // 2
+        j = min(range(len(ps)), key=lambda t: abs(ps[t] - mid))  # split the segment evenly
+        p = ps[j]
+        y[lo:hi].partition(p - lo)
+        todo.append((lo, p, ps[:j]))
+        todo.append((p + 1, hi, ps[j + 1:]))
+
+
+def _first_equal(a: np.ndarray, value, count: int) -> np.ndarray:
+    """The ``count`` lowest indices ``i`` with ``a[i] == value`` (chunked: bounded memory)."""
+    found, need = [], count
+    for start in range(0, a.size, _CHUNK):
+        hits = np.flatnonzero(a[start:start + _CHUNK] == value)[:need] + start
+        found.append(hits)
+        need -= hits.size
+        if need <= 0:
+            break
+    return np.concatenate(found) if found else np.empty(0, dtype=np.int64)
+
+
+def _stable_cut(a: np.ndarray, thr, k: int, largest: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest (smallest) entries of ``a`` given the ``k``-th one, ``thr``: all strictly
+    beyond it plus its lowest-index ties; sorted like :func:`topk_stable`."""
+    beyond = np.flatnonzero(a > thr if largest else a < thr)
+    idx = np.concatenate([beyond, _first_equal(a, thr, k - beyond.size)])
+    i = torch.from_numpy(idx.astype(np.int64, copy=False))
+    return _sorted_stable(torch.from_numpy(a[idx]), i, largest)
+
+
+def _std64(a: np.ndarray, mean: float) -> float:
+    """Sample standard deviation (n - 1) in float64, two-pass, in chunks (no float64 copy)."""
+    if a.size < 2:
+        return 0.0
+    ss = 0.0
+    for start in range(0, a.size, _CHUNK):
+        d = np.subtract(a[start:start + _CHUNK], mean, dtype=np.float64)
+        ss += float(np.square(d, out=d).sum())  # not np.dot: BLAS threads fight over busy cores
+    return math.sqrt(ss / (a.size - 1))
+
+
+def _rank(n: int, q: float) -> int:
+    """1-based nearest rank of quantile ``q`` among ``n`` values (see :func:`_kth`)."""
+    return min(n, max(1, int(round(q * (n - 1))) + 1))
+
+
+def _reduce_cpu(ref: ParamRef, flat: torch.Tensor, k: int):
+    """(top (v, i), bottom (v, i), TensorStats) of a finite float32 CPU tensor; None otherwise."""
+    if flat.device.type != "cpu" or flat.dtype != torch.float32 or flat.numel() == 0 or k == 0:
+        return None
+    a = flat.contiguous().numpy()
+    n = a.size
+    with np.errstate(invalid="ignore", over="ignore"):  # inf - inf: NaN, caught just below
+        total = float(a.sum(dtype=np.float64))
+    if not math.isfinite(total):  # NaN or inf somewhere: the general path defines the semantics
+        return None
+    ranks = {q: _rank(n, q) - 1 for q in (0.50, 0.95, 0.99)}
+    y = a.copy()
+    _select_positions(y, [0, n - 1, k - 1, n - k, *ranks.values()])
+    top = _stable_cut(a, y[n - k], k, largest=True)
+    bottom = _stable_cut(a, y[k - 1], k, largest=False)
+    mean = total / n
+    stats = TensorStats(ref.name, ref.layer, ref.param_type, ref.shape, n, mean, _std64(a, mean),
+                        float(y[0]), float(y[n - 1]), float(y[ranks[0.50]]), float(y[ranks[0.95]]),
+                        float(y[ranks[0.99]]))
+    return top, bottom, stats
 
 
 @dataclass
@@ -222,8 +329,12 @@ class ScoreCollector:
         if flat.numel() != ref.numel:
             raise ValueError(f"scores for {ref.name} have {flat.numel()} entries, expected {ref.numel}")
         kk = min(self.k, flat.numel())
+        fast = _reduce_cpu(ref, flat, kk)
         for kind, largest in (("top_k", True), ("bottom_k", False)):
-            v, i = topk_stable(flat, kk, largest)
+            if fast is not None:
+                v, i = fast[0] if largest else fast[1]
+            else:
+                v, i = topk_stable(flat, kk, largest)
             v, i = v.cpu(), i.cpu()
             tid = torch.full_like(i, t)
             if "per_layer" in self.modes:
@@ -234,7 +345,7 @@ class ScoreCollector:
             if t in per:
                 idx = per[t]
                 self._gathered[name][t] = flat[idx.to(flat.device)].cpu()
-        self.stats[t] = tensor_stats(ref, flat)
+        self.stats[t] = fast[2] if fast is not None else tensor_stats(ref, flat)
         n = min(self.sample_per_tensor, flat.numel())
         pick = torch.randint(flat.numel(), (n,), generator=self._rng)
         self.samples[t] = flat[pick.to(flat.device)].cpu()
