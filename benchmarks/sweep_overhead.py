@@ -29,7 +29,7 @@ def sweep_dict(quick: bool) -> dict:
         "metric": {"grid_search": ["grad_x_weight", "grad_squared"]}, "topk": {"grid_search": [50, 200]},
         "mode": "global", "perturb": {"grid_search": ["sign_flip", "zero"]}, "seeds": [0, 1, 2],
         "max_samples": 4 if quick else 24, "max_length": 64 if quick else 256,
-        "eval_samples": 4 if quick else 48, "eval_length": 64 if quick else 256,
+        "eval_samples": 4 if quick else 160, "eval_length": 64 if quick else 256,
         "stability_check": True, "save_plots": False,
         "resources": {"cpus_per_actor": 2, "actors_per_model": 1},
     }
@@ -78,10 +78,16 @@ def plain_loop(sweep, out: Path) -> dict:
 
 
 def run_sweep(sweep, out: Path) -> dict:
+    """The whole command's work: Ray start-up included, shut down afterwards."""
+    import ray
+
     from cwa_core.sweep.runner import SweepRunner, init_ray
 
     init_ray(None, num_cpus=2)
-    m = SweepRunner(sweep, out, tracking_uri=f"sqlite:///{out}/mlflow.db", progress=False).run()
+    try:
+        m = SweepRunner(sweep, out, tracking_uri=f"sqlite:///{out}/mlflow.db", progress=False).run()
+    finally:
+        ray.shutdown()
     return {"model_loads": m["model_loads"], "scoring_passes": m["scoring_passes"]}
 
 
@@ -92,26 +98,29 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     torch.set_num_threads(2)
     sweep = spec.parse(sweep_dict(args.quick))
+    times: dict[str, list[float]] = {"plain": [], "sweep": []}
+    order = ["plain", "sweep"] if args.quick else ["plain", "sweep", "sweep", "plain"]  # interleaved: fair to both
     with tempfile.TemporaryDirectory() as tmp:
-        t = time.perf_counter()
-        plain = plain_loop(sweep, Path(tmp) / "plain")
-        t_plain = time.perf_counter() - t
-        t = time.perf_counter()
-        swept = run_sweep(sweep, Path(tmp) / "sweep")
-        t_sweep = time.perf_counter() - t
-        a = json.loads((Path(tmp) / "plain" / sweep.cells[0].id / "perturbation_results.json").read_text())
-        b = json.loads((Path(tmp) / "sweep" / sweep.cells[0].id / "perturbation_results.json").read_text())
+        for i, variant in enumerate(order):
+            out = Path(tmp) / f"{variant}{i}"
+            t = time.perf_counter()
+            counts = plain_loop(sweep, out) if variant == "plain" else run_sweep(sweep, out)
+            times[variant].append(time.perf_counter() - t)
+            if variant == "sweep":
+                swept = counts
+            else:
+                plain = counts
+        first = {v: Path(tmp) / f"{v}{order.index(v)}" / sweep.cells[0].id / "perturbation_results.json" for v in times}
+        a, b = (json.loads(first[v].read_text()) for v in ("plain", "sweep"))
         same = [r["ppl"] for r in a["results"]] == [r["ppl"] for r in b["results"]]
-    import ray
-
-    ray.shutdown()
+    t_plain, t_sweep = (sum(times[v]) / len(times[v]) for v in ("plain", "sweep"))
     rows = [["plain loop (cwa_core)", t_plain, plain["model_loads"]],
             ["sweep (Ray + MLflow)", t_sweep, swept["model_loads"]]]
     print(table(rows, ["variant", "seconds", "model loads"]))
     ratio = t_sweep / t_plain
     print(f"sweep / plain = {ratio:.3f} ({len(sweep.cells)} cells, {swept['scoring_passes']} scoring passes; "
           f"same numbers: {same})")
-    payload = {"settings": sweep_dict(args.quick), "cells": len(sweep.cells), "plain_seconds": t_plain,
+    payload = {"settings": sweep_dict(args.quick), "cells": len(sweep.cells), "runs": times, "plain_seconds": t_plain,
                "sweep_seconds": t_sweep, "ratio": ratio, "model_loads": swept["model_loads"],
                "scoring_passes": swept["scoring_passes"], "same_numbers": same, "quick": args.quick}
     path = write_result("sweep_overhead", payload, args.out)

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -139,17 +140,16 @@ class SweepRunner:
             return self.manifest
         self.root.mkdir(parents=True, exist_ok=True)
         plan = make_plan(pending)
-        tracker = None
-        if self.sweep.tracking.enabled:
-            from .tracking import Tracker
-
-            tracker = Tracker(self.tracking_uri, self.sweep.tracking.experiment or self.sweep.name)
-            self.manifest["mlflow"] = {"tracking_uri": tracker.uri, "experiment": tracker.experiment}
-            self.manifest["parent_run_id"] = tracker.start_sweep(self.sweep, self.manifest.get("parent_run_id"))
+        # MLflow's start-up (import, schema) overlaps Ray's and the actors' (model loading)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            tracking = pool.submit(self._start_tracking) if self.sweep.tracking.enabled else None
+            ray = init_ray(self.address, self.num_cpus, self.num_gpus)
+            groups = self._start_actors(ray, plan)
+            tracker = tracking.result() if tracking else None
         self._save()
         status = "FAILED"
         try:
-            self._execute(plan, tracker)
+            self._execute(ray, plan, groups, tracker)
             status = "FINISHED" if all(self.manifest["cells"][c.id]["status"] == "finished" for c in pending) else "FAILED"
         finally:
             self.manifest.setdefault("runs", []).append({"started_cells": len(pending), "seconds": time.perf_counter() - t0,
@@ -162,8 +162,16 @@ class SweepRunner:
         return self.manifest
 
     # -- execution -------------------------------------------------------------------------
-    def _execute(self, plan: Plan, tracker) -> None:
-        ray = init_ray(self.address, self.num_cpus, self.num_gpus)
+    def _start_tracking(self):
+        from .tracking import Tracker
+
+        tracker = Tracker(self.tracking_uri, self.sweep.tracking.experiment or self.sweep.name)
+        self.manifest["mlflow"] = {"tracking_uri": tracker.uri, "experiment": tracker.experiment}
+        self.manifest["parent_run_id"] = tracker.start_sweep(self.sweep, self.manifest.get("parent_run_id"))
+        return tracker
+
+    def _start_actors(self, ray, plan: Plan) -> dict:
+        """One actor group per model; each actor starts loading its model at once."""
         res = self.sweep.resources
         remote_cls = ray.remote(_RayWorker)
         groups = {}
@@ -174,6 +182,9 @@ class SweepRunner:
             threads = max(1, int(res.cpus_per_actor)) if res.cpus_per_actor else None
             groups[mk] = [remote_cls.options(**opts).remote(cfg, threads=threads, device_map=device_map)
                           for _ in range(res.actors_per_model)]
+        return groups
+
+    def _execute(self, ray, plan: Plan, groups: dict, tracker) -> None:
         outstanding = {g: [0] * len(a) for g, a in groups.items()}
 
         def submit(mk, method: str, *args):
