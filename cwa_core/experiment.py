@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from .architectures import ParamRef, scored_params
 from .config import ExperimentConfig
 from .data import DataSplit, load_wikitext2_test, read_text, split, tokenize
-from .evaluate import Perplexity, perplexity
+from .evaluate import Perplexity, model_device, perplexity
 from .metrics import METRICS, ScoreOptions, score
 from .perturb import PerturbSpec, perturbed
 from .selection import ScoreCollector, Selection, TensorStats, random_selection, tensor_offsets
@@ -87,25 +87,22 @@ def score_seed(model: nn.Module, refs: Sequence[ParamRef], data: DataSplit, *, m
     if collector.missing():
         raise RuntimeError(f"metric {metric} never scored {collector.missing()[:3]}")
     sels = {(kind, mode): collector.selection(kind, mode) for kind in ("top_k", "bottom_k", "random_k") for mode in modes}
-    if model_device_is_cuda(model):
+    if model_device(model).type == "cuda":
         torch.cuda.synchronize()
     return SeedScores(seed, metric, k, sels, collector.gathered("stability"), list(collector.stats),
                       list(collector.samples), time.perf_counter() - t0)
 
 
-def model_device_is_cuda(model: nn.Module) -> bool:
-    return next(model.parameters()).device.type == "cuda"
-
-
 def evaluate_selection(model: nn.Module, refs: Sequence[ParamRef], sel: Selection, spec: PerturbSpec,
-                       eval_windows: torch.Tensor, baseline: Perplexity, *, seed: int,
+                       eval_windows: torch.Tensor, baseline: Perplexity | None, *, seed: int,
                        batch_size: int = 8, progress: bool = False) -> dict:
-    """Perplexity with ``sel`` perturbed (restored afterwards), and its ratio to the baseline."""
+    """Perplexity with ``sel`` perturbed (restored afterwards), and its ratio to the baseline
+    (None when the baseline is not at hand: the sweep's driver divides)."""
     with perturbed(refs, sel, spec) as n:
         ppl = perplexity(model, eval_windows, batch_size=batch_size, progress=progress,
                          desc=f"ppl {sel.kind} seed {seed}")
     return {"selection": sel.kind, "seed": seed, "k": sel.k, "mode": sel.mode, "n_weights": n,
-            "ppl": ppl.ppl, "ppl_ratio": ppl.ppl / baseline.ppl, "nll": ppl.nll}
+            "ppl": ppl.ppl, "ppl_ratio": None if baseline is None else ppl.ppl / baseline.ppl, "nll": ppl.nll}
 
 
 def stability_report(scores: Sequence[SeedScores], *, k: int, mode: str, offsets: torch.Tensor) -> dict:
@@ -139,7 +136,7 @@ class ExperimentResult:
     tensors: list[dict]  # name, layer, param_type, shape of every scored tensor, by tensor id
     timings: dict[str, float] = field(default_factory=dict)
 
-    def perturbation_report(self, refs_count: int | None = None) -> dict:
+    def perturbation_report(self) -> dict:
         c = self.config
         spec = PerturbSpec(c.perturb, c.perturb_scale, c.perturb_bit).resolved()
         return {

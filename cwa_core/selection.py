@@ -114,9 +114,14 @@ def _sorted_stable(v: torch.Tensor, i: torch.Tensor, largest: bool) -> tuple[tor
     return v[order], i[order]
 
 
+def offsets_of(sizes: Sequence[int]) -> torch.Tensor:
+    """Where each tensor's weights start in one model-wide numbering (for global ids)."""
+    t = torch.tensor(list(sizes), dtype=torch.long)
+    return torch.cumsum(t, 0) - t
+
+
 def tensor_offsets(refs: Sequence[ParamRef]) -> torch.Tensor:
-    sizes = torch.tensor([r.numel for r in refs], dtype=torch.long)
-    return torch.cumsum(sizes, 0) - sizes
+    return offsets_of(r.numel for r in refs)
 
 
 def _unique_in_order(draws: np.ndarray) -> np.ndarray:

@@ -18,20 +18,20 @@ SCORE_FIELDS = DATA_FIELDS + ("metric", "max_samples", "param_types", "hutchinso
                               "stability_sample")
 
 
-def _key(cfg: ExperimentConfig, names: tuple[str, ...]) -> tuple:
+def settings_key(cfg: ExperimentConfig, names: tuple[str, ...]) -> tuple:
     return tuple((n, tuple(v) if isinstance(v := getattr(cfg, n), (list, tuple)) else v) for n in names)
 
 
 def model_key(cfg: ExperimentConfig) -> tuple:
-    return _key(cfg, MODEL_FIELDS)
+    return settings_key(cfg, MODEL_FIELDS)
 
 
 def baseline_key(cfg: ExperimentConfig) -> tuple:
-    return (model_key(cfg), _key(cfg, EVAL_FIELDS))
+    return (model_key(cfg), settings_key(cfg, EVAL_FIELDS))
 
 
 def score_key(cfg: ExperimentConfig, seed: int) -> tuple:
-    return (model_key(cfg), _key(cfg, SCORE_FIELDS), ("seed", seed))
+    return (model_key(cfg), settings_key(cfg, SCORE_FIELDS), ("seed", seed))
 
 
 @dataclass

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,22 +20,13 @@ from tqdm.auto import tqdm
 from ..evaluate import Perplexity
 from ..experiment import ExperimentResult, SeedScores, stability_report
 from ..outputs import write_experiment, write_json
-from ..selection import tensor_offsets
+from ..selection import offsets_of
 from .plan import Plan, baseline_key, make_plan, model_key, score_key
 from .spec import Cell, Sweep
 from .worker import ModelWorker
 
 log = logging.getLogger(__name__)
 MANIFEST = "sweep_manifest.json"
-
-
-def _offsets(tensors: list[dict]):
-    import math
-
-    import torch
-
-    sizes = torch.tensor([math.prod(t["shape"]) for t in tensors], dtype=torch.long)
-    return torch.cumsum(sizes, 0) - sizes
 
 
 def init_ray(address: str | None, num_cpus: int | None = None, num_gpus: int | None = None):
@@ -288,16 +280,13 @@ class SweepRunner:
     def _finish_cell(self, cell: Cell, baseline: dict, scored: list[dict], rows: list[dict], tracker) -> None:
         cfg = cell.config
         base: Perplexity = baseline["ppl"]
-        results = []
-        for r in rows:
-            r = {k: v for k, v in r.items() if k != "seconds"}
-            r["ppl_ratio"] = r["ppl"] / base.ppl
-            results.append(r)
+        # the worker does not know the baseline (another actor may have computed it)
+        results = [{**{k: v for k, v in r.items() if k != "seconds"}, "ppl_ratio": r["ppl"] / base.ppl} for r in rows]
         seed_scores = [s["scores"] for s in scored]
         tensors = scored[0]["tensors"]
         stability = None
         if cfg.stability_check:
-            stability = stability_report(seed_scores, k=cfg.topk, mode=cfg.mode, offsets=_offsets(tensors))
+            stability = stability_report(seed_scores, k=cfg.topk, mode=cfg.mode, offsets=offsets_of(math.prod(t["shape"]) for t in tensors))
         timings = {"baseline_ppl (shared)": baseline["seconds"], "score (shared)": sum(s.seconds for s in seed_scores),
                    "perturb_eval": sum(r["seconds"] for r in rows)}
         result = ExperimentResult(replace(cfg, out_dir=str(self.root / cell.id)), base, results, seed_scores, stability,

@@ -21,6 +21,7 @@ from ..metrics import ScoreOptions
 from ..models import load_model
 from ..perturb import PerturbSpec
 from ..selection import Selection
+from .plan import DATA_FIELDS, settings_key
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ class ModelWorker:
 
     # -- caches --------------------------------------------------------------------------
     def _split(self, cfg: ExperimentConfig) -> DataSplit:
-        key = (cfg.data_file, cfg.eval_file, cfg.bos, cfg.max_length, cfg.resolved_eval_length, cfg.eval_samples)
+        key = settings_key(cfg, DATA_FIELDS)  # tokenized once per corpus and window plan
         if key not in self._splits:
             self._splits[key] = load_split(cfg, self.loaded.tokenizer)
         return self._splits[key]
@@ -79,17 +80,9 @@ class ModelWorker:
         refs = self._refs_for(tuple(cfg.param_types))
         spec = PerturbSpec(cfg.perturb, cfg.perturb_scale, cfg.perturb_bit, seed)
         t = time.perf_counter()
-        row = evaluate_selection(self.loaded.model, refs, selection, spec, split.eval_windows(), _UNIT, seed=seed,
+        row = evaluate_selection(self.loaded.model, refs, selection, spec, split.eval_windows(), None, seed=seed,
                                  batch_size=cfg.eval_batch_size)
         self.counts["evaluations"] += 1
         row["seconds"] = time.perf_counter() - t
         return row
 
-
-class _Unit:
-    """A stand-in baseline of perplexity 1: the driver divides by the real baseline."""
-
-    ppl = 1.0
-
-
-_UNIT = _Unit()
