@@ -6,7 +6,6 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from scipy.stats import rankdata
 
 
 def jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -17,10 +16,25 @@ def jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
     return 1.0 if union == 0 else inter / union
 
 
+def average_ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks, ties given the mean of the ranks they span (``scipy.stats.rankdata``'s
+    default), vectorised; kept here so that a worker does not import scipy (half a second)."""
+    order = np.argsort(x, kind="stable")
+    xs = x[order]
+    new = np.empty(xs.size, dtype=bool)
+    new[:1] = True
+    new[1:] = xs[1:] != xs[:-1]
+    starts = np.flatnonzero(new)
+    ends = np.append(starts[1:], xs.size)  # exclusive
+    ranks = np.empty(xs.size, dtype=np.float64)
+    ranks[order] = ((starts + ends + 1) / 2.0)[np.cumsum(new) - 1]
+    return ranks
+
+
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     """Spearman rank correlation (average ranks for ties); NaN if either side is constant."""
-    ra = rankdata(a.cpu().double().numpy())
-    rb = rankdata(b.cpu().double().numpy())
+    ra = average_ranks(a.cpu().double().numpy())
+    rb = average_ranks(b.cpu().double().numpy())
     if ra.std() == 0 or rb.std() == 0:
         return float("nan")
     return float(np.corrcoef(ra, rb)[0, 1])
