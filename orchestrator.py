@@ -91,6 +91,7 @@ def build_parser() -> OneLineParser:
     p.add_argument("--address", default=None, help="with --sweep: join this Ray cluster (e.g. auto)")
     p.add_argument("--tracking-uri", default=None, help="with --sweep: MLflow tracking URI")
     p.add_argument("--num-cpus", type=int, default=None, help="with --sweep: CPUs for a local Ray")
+    p.add_argument("--dashboard", action="store_true", help="with --sweep: start a local Ray with its dashboard")
     p.add_argument("--overwrite", action="store_true", help="replace an experiment already in --out-dir")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
@@ -131,7 +132,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     single = [f for f in ("model", "metric", "topk", "data_file", "eval_file") if getattr(args, f) is not None]
     if single:
         raise UsageError(f"{flag(single[0])}: with --sweep, settings come from the sweep file; allowed with --sweep: "
-                         "--dry-run, --address, --tracking-uri, --out-dir, --num-cpus, --no-progress")
+                         "--dry-run, --address, --tracking-uri, --out-dir, --num-cpus, --dashboard, --no-progress")
     try:
         sweep = sweep_spec.load(args.sweep, demo_paths_fn=None if args.dry_run else demo_paths)
     except sweep_spec.SpecError as e:
@@ -147,7 +148,8 @@ def run_sweep(args: argparse.Namespace) -> int:
 
     root = Path(args.out_dir) if args.out_dir else Path("results") / sweep.name
     manifest = SweepRunner(sweep, root, address=args.address, tracking_uri=args.tracking_uri,
-                           progress=not args.no_progress, num_cpus=args.num_cpus).run()
+                           progress=not args.no_progress, num_cpus=args.num_cpus,
+                           dashboard=args.dashboard).run()
     cells = manifest["cells"]
     n_done = sum(c["status"] == "finished" for c in cells.values())
     n_failed = sum(c["status"] == "failed" for c in cells.values())

@@ -29,10 +29,11 @@ os.environ.setdefault("CWA_CACHE", str(ROOT / ".cache" / "cwa-test"))
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray for the session (starting one costs seconds), loopback only."""
+    """One local Ray for the session (starting one costs seconds), loopback only; with its
+    dashboard, so that the loopback test sees every listening process a user can start."""
     from cwa_core.sweep.runner import init_ray
 
-    ray = init_ray(None, num_cpus=2)
+    ray = init_ray(None, num_cpus=2, dashboard=True)
     yield ray
     ray.shutdown()
 
@@ -42,3 +43,16 @@ def demo_assets():
     from cwa_core.demo import ensure_demo_assets
 
     return ensure_demo_assets(progress=False)
+
+
+def mlflow_runs_by_kind(uri: str, experiment: str):
+    """(client, every run of an MLflow experiment, the same runs grouped by their ``cwa.kind``
+    tag: sweep, cell, seed, stability)."""
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(uri)
+    runs = c.search_runs([c.get_experiment_by_name(experiment).experiment_id], max_results=5000)
+    by: dict[str, list] = {}
+    for r in runs:
+        by.setdefault(r.data.tags["cwa.kind"], []).append(r)
+    return c, runs, by

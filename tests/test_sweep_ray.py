@@ -12,7 +12,7 @@ import yaml
 import orchestrator
 from cwa_core.sweep import spec as sweep_spec
 from cwa_core.sweep.runner import SweepRunner
-from conftest import STORIES, TINYSTORIES
+from conftest import STORIES, TINYSTORIES, mlflow_runs_by_kind
 
 pytestmark = pytest.mark.slow
 
@@ -74,15 +74,8 @@ def test_sweep_numbers_equal_the_single_command(sweep_run, metric, topk, perturb
 
 
 def test_mlflow_holds_every_run_finished_with_params_and_metrics(sweep_run):
-    from mlflow.tracking import MlflowClient
-
     tmp, _, uri = sweep_run
-    c = MlflowClient(uri)
-    exp = c.get_experiment_by_name("real260")
-    runs = c.search_runs([exp.experiment_id], max_results=1000)
-    kinds = {}
-    for r in runs:
-        kinds.setdefault(r.data.tags["cwa.kind"], []).append(r)
+    c, runs, kinds = mlflow_runs_by_kind(uri, "real260")
     assert {k: len(v) for k, v in kinds.items()} == {"sweep": 1, "cell": 8, "seed": 72, "stability": 4}
     assert all(r.info.status == "FINISHED" for r in runs)
     parent = kinds["sweep"][0].info.run_id
@@ -148,3 +141,56 @@ def test_local_ray_listens_on_loopback_only(ray_local):
         addr = ipaddress.ip_address(ip)
         addr = addr.ipv4_mapped or addr if isinstance(addr, ipaddress.IPv6Address) else addr
         assert addr.is_loopback, f"Ray listens on {ip}"
+
+
+def _copy_store(tmp, dest):
+    """The sweep's results and its MLflow store, as they were; the copy logs into ``dest``."""
+    import shutil
+
+    shutil.copytree(tmp / "out", dest / "out")
+    shutil.copy(tmp / "mlflow.db", dest / "mlflow.db")
+    return f"sqlite:///{dest}/mlflow.db"
+
+
+def test_a_driver_killed_while_logging_resumes_with_every_run_logged_once(sweep_run, tmp_path):
+    """The worst moment to die: a cell's MLflow runs are written, the manifest is not."""
+    import shutil
+
+    tmp, f, _ = sweep_run
+    uri = _copy_store(tmp, tmp_path)
+    c, _, before = mlflow_runs_by_kind(uri, "real260")
+    out = tmp_path / "out"
+    m = json.loads((out / "sweep_manifest.json").read_text())
+    lost = sorted(m["cells"])[:3]
+    lost_runs = {r.info.run_id for k in ("cell", "seed", "stability") for r in before[k] if r.data.tags["cwa.cell_id"] in lost}
+    assert len(lost_runs) >= 3 * 10
+    for cid in lost:
+        m["cells"][cid] = {"status": "pending", "settings": m["cells"][cid]["settings"]}
+        shutil.rmtree(out / cid)
+    m["stability_runs"] = {k: v for k, v in m["stability_runs"].items() if v not in lost_runs}  # not saved either
+    (out / "sweep_manifest.json").write_text(json.dumps(m))
+
+    m2 = SweepRunner(sweep_spec.load(f), out, tracking_uri=uri, progress=False).run()
+    assert m2["runs"][-1]["started_cells"] == 3 and m2["parent_run_id"] == m["parent_run_id"]
+    _, runs, after = mlflow_runs_by_kind(uri, "real260")
+    assert {k: len(v) for k, v in after.items()} == {k: len(v) for k, v in before.items()}  # each once, no more
+    assert not lost_runs & {r.info.run_id for r in runs}  # the half-logged ones were replaced
+    for cid in lost:
+        assert m2["cells"][cid]["mlflow_run_id"] in {r.info.run_id for r in after["cell"]}
+    assert sorted(m2["stability_runs"]) == sorted(json.loads((tmp / "out" / "sweep_manifest.json").read_text())["stability_runs"])
+
+
+def test_a_fresh_sweep_into_the_same_store_keeps_the_earlier_runs(sweep_run, tmp_path):
+    tmp, _, _ = sweep_run
+    uri = _copy_store(tmp, tmp_path)
+    _, runs_before, _ = mlflow_runs_by_kind(uri, "real260")
+    raw = {"name": "real260", **SETTINGS, "metric": "magnitude", "topk": 20, "perturb": "zero",
+           "resources": {"cpus_per_actor": 1, "actors_per_model": 1}}
+    f = tmp_path / "again.yaml"
+    f.write_text(yaml.safe_dump(raw))
+    sweep = sweep_spec.load(f)
+    assert sweep.cells[0].id in json.loads((tmp / "out" / "sweep_manifest.json").read_text())["cells"]  # the same cell
+    SweepRunner(sweep, tmp_path / "fresh", tracking_uri=uri, progress=False).run()
+    _, runs_after, by = mlflow_runs_by_kind(uri, "real260")
+    assert {r.info.run_id for r in runs_before} <= {r.info.run_id for r in runs_after}  # nothing deleted
+    assert len(by["sweep"]) == 2 and len(by["cell"]) == 8 + 1 and len(by["seed"]) == 72 + 9

@@ -6,7 +6,7 @@ import json
 import pytest
 
 import orchestrator
-from conftest import ROOT
+from conftest import ROOT, mlflow_runs_by_kind
 
 pytestmark = pytest.mark.slow
 
@@ -37,15 +37,8 @@ def test_top_k_hurts_more_than_random_k_and_random_k_more_than_bottom_k(smoke):
 
 
 def test_mlflow_store_has_finished_runs_params_metrics_and_plots(smoke):
-    from mlflow.tracking import MlflowClient
-
     tmp, uri = smoke
-    c = MlflowClient(uri)
-    exp = c.get_experiment_by_name("smoke")
-    runs = c.search_runs([exp.experiment_id], max_results=1000)
-    by = {}
-    for r in runs:
-        by.setdefault(r.data.tags["cwa.kind"], []).append(r)
+    c, runs, by = mlflow_runs_by_kind(uri, "smoke")
     assert len(by["sweep"]) == 1 and by["sweep"][0].info.status == "FINISHED"
     assert len(by["cell"]) == 4 and len(by["seed"]) == 4 * 3 * 3 and len(by["stability"]) == 4
     assert all(r.info.status == "FINISHED" for r in runs)

@@ -29,8 +29,15 @@ log = logging.getLogger(__name__)
 MANIFEST = "sweep_manifest.json"
 
 
-def init_ray(address: str | None, num_cpus: int | None = None, num_gpus: int | None = None):
-    """Join ``address`` or start a local Ray that listens on the loopback address only."""
+def init_ray(address: str | None, num_cpus: int | None = None, num_gpus: int | None = None, *,
+             dashboard: bool = False):
+    """Join ``address`` or start a local Ray that listens on the loopback address only.
+
+    A local Ray starts without its dashboard unless asked (``dashboard=True``): on a small
+    machine the dashboard's processes cost about a second of start-up and a few percent of
+    every core for the whole sweep (measured: perturbation evaluations 10% slower with it,
+    5% without; ``benchmarks/README.md``), and the sweep's own record is MLflow.
+    """
     if not address:
         # On Linux this makes every Ray process (GCS, raylet, workers, dashboard) bind to
         # 127.0.0.1 instead of all interfaces. Ray reads it when first imported, so it is set
@@ -51,7 +58,7 @@ def init_ray(address: str | None, num_cpus: int | None = None, num_gpus: int | N
         kw = {"num_cpus": num_cpus} if num_cpus else {}
         if num_gpus is not None:
             kw["num_gpus"] = num_gpus
-        ctx = ray.init(log_to_driver=False, **kw)
+        ctx = ray.init(log_to_driver=False, include_dashboard=dashboard, **kw)
         url = getattr(ctx, "dashboard_url", None)
         if url:
             log.info("Ray dashboard: http://%s", url)
@@ -106,13 +113,15 @@ def finished_cells(root: Path) -> set[str]:
 
 class SweepRunner:
     def __init__(self, sweep: Sweep, out_root: Path, *, address: str | None = None, tracking_uri: str | None = None,
-                 progress: bool = True, num_cpus: int | None = None, num_gpus: int | None = None) -> None:
+                 progress: bool = True, num_cpus: int | None = None, num_gpus: int | None = None,
+                 dashboard: bool = False) -> None:
         self.sweep = sweep
         self.root = Path(out_root)
         self.address = address
         self.tracking_uri = tracking_uri or sweep.tracking.tracking_uri
         self.progress = progress
         self.num_cpus, self.num_gpus = num_cpus, num_gpus
+        self.dashboard = dashboard
         self.manifest = _read_manifest(self.root) or {"name": sweep.name, "cells": {}}
 
     # -- bookkeeping -----------------------------------------------------------------------
@@ -133,9 +142,12 @@ class SweepRunner:
         self.root.mkdir(parents=True, exist_ok=True)
         plan = make_plan(pending)
         # MLflow's start-up (import, schema) overlaps Ray's and the actors' (model loading)
+        self.timings = {}
         with ThreadPoolExecutor(max_workers=1) as pool:
             tracking = pool.submit(self._start_tracking) if self.sweep.tracking.enabled else None
-            ray = init_ray(self.address, self.num_cpus, self.num_gpus)
+            t = time.perf_counter()
+            ray = init_ray(self.address, self.num_cpus, self.num_gpus, dashboard=self.dashboard)
+            self.timings["ray_start_s"] = time.perf_counter() - t
             groups = self._start_actors(ray, plan)
             tracker = tracking.result() if tracking else None
         self._save()
@@ -144,8 +156,10 @@ class SweepRunner:
             self._execute(ray, plan, groups, tracker)
             status = "FINISHED" if all(self.manifest["cells"][c.id]["status"] == "finished" for c in pending) else "FAILED"
         finally:
+            # where the time went: start-up (Ray, MLflow), the first result (actor start, model
+            # load, tokenizing, first task), the rest; benchmarks/sweep_overhead.py reads these
             self.manifest.setdefault("runs", []).append({"started_cells": len(pending), "seconds": time.perf_counter() - t0,
-                                                         "status": status})
+                                                         "status": status, "timings_s": self.timings})
             self._save()
             if tracker:
                 tracker.end_sweep(self.manifest["parent_run_id"], status, {
@@ -157,9 +171,11 @@ class SweepRunner:
     def _start_tracking(self):
         from .tracking import Tracker
 
+        t = time.perf_counter()
         tracker = Tracker(self.tracking_uri, self.sweep.tracking.experiment or self.sweep.name)
         self.manifest["mlflow"] = {"tracking_uri": tracker.uri, "experiment": tracker.experiment}
         self.manifest["parent_run_id"] = tracker.start_sweep(self.sweep, self.manifest.get("parent_run_id"))
+        self.timings["tracking_start_s"] = time.perf_counter() - t
         return tracker
 
     def _start_actors(self, ray, plan: Plan) -> dict:
@@ -188,9 +204,13 @@ class SweepRunner:
         baselines: dict[tuple, dict] = {}
         scores: dict[tuple, dict] = {}
         evals: dict[tuple, dict] = {}  # (cell id, seed, kind) -> row
-        failed_keys: dict[tuple, str] = {}
         prog = _Progress(plan, self.progress)
         cell_state = {c.id: "waiting" for c in plan.cells}
+        cells = {c.id: c for c in plan.cells}
+        dependents: dict[tuple, list[Cell]] = {}  # baseline or score key -> the cells that need it
+        for c in plan.cells:
+            for k in {baseline_key(c.config), *(score_key(c.config, s) for s in c.config.seeds)}:
+                dependents.setdefault(k, []).append(c)
         for bk, cfg in plan.baselines.items():
             ref, slot = submit(model_key(cfg), "baseline", cfg)
             pending[ref] = ("baseline", bk, slot)
@@ -225,9 +245,11 @@ class SweepRunner:
             self._save()
             prog.update(model_key(cell.config), failed=1, running=-1)
 
+        t_start = time.perf_counter()
         try:
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1)
+                self.timings.setdefault("first_result_s", time.perf_counter() - t_start)
                 ref = ready[0]
                 what, key, (mk, i) = pending.pop(ref)
                 outstanding[mk][i] -= 1
@@ -236,20 +258,15 @@ class SweepRunner:
                 except Exception as e:  # a task or its actor failed: fail what depends on it
                     why = f"{what} task failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                     log.error("%s", why)
-                    failed_keys[key] = why
-                    for c in plan.cells:
-                        ck = c.config
-                        deps = {baseline_key(ck), *(score_key(ck, s) for s in ck.seeds)}
-                        if key in deps or (what == "evaluate" and key[0] == c.id):
-                            fail_cell(c, why)
+                    for c in ([cells[key[0]]] if what == "evaluate" else dependents.get(key, [])):
+                        fail_cell(c, why)
                     continue
-                if what == "baseline":
-                    baselines[key] = value
-                elif what == "score":
-                    scores[key] = value
-                else:
+                if what == "evaluate":
                     evals[key] = value
-                for c in plan.cells:
+                    try_finish(cells[key[0]])
+                    continue
+                (baselines if what == "baseline" else scores)[key] = value
+                for c in dependents.get(key, []):
                     if cell_state[c.id] == "waiting" and cell_inputs_ready(c):
                         cell_state[c.id] = "evaluating"
                         cfg = c.config
@@ -258,9 +275,8 @@ class SweepRunner:
                             for kind in ("top_k", *cfg.controls):
                                 ref2, slot = submit(model_key(cfg), "evaluate", cfg, ss.selection(kind, cfg.mode, cfg.topk), s)
                                 pending[ref2] = ("evaluate", (c.id, s, kind), slot)
-                    if what == "evaluate" and key[0] == c.id:
-                        try_finish(c)
         finally:
+            self.timings["tasks_s"] = time.perf_counter() - t_start
             prog.close()
             infos = []
             for mk, actors in groups.items():
@@ -298,13 +314,16 @@ class SweepRunner:
         entry = self.manifest["cells"][cell.id]
         entry.update({"status": "finished", "seconds": sum(timings.values()), "dir": cell.id, "error": None})
         if tracker:
-            if tracker.forget_cell(cell.id):
+            known = self.manifest.setdefault("stability_runs", {})
+            forgotten = set(tracker.forget_cell(cell.id, self.manifest["parent_run_id"]))
+            if forgotten:
                 log.warning("cell %s was half-logged by an interrupted run; logged again", cell.id)
+                for k in [k for k, run_id in known.items() if run_id in forgotten]:
+                    del known[k]  # its stability run went with the cell's runs: log it again
             entry["mlflow_run_id"] = tracker.log_cell(self.manifest["parent_run_id"], cell,
                                                       result.perturbation_report(), cell_dir)
             if stability is not None:
                 skey = f"{cell.settings['model']}|{cfg.metric}|{cfg.mode}|K{cfg.topk}|seeds{','.join(map(str, cfg.seeds))}"
-                known = self.manifest.setdefault("stability_runs", {})
                 if skey not in known:
                     known[skey] = tracker.log_stability(self.manifest["parent_run_id"], skey, cell, stability,
                                                         cell_dir / "plots" / "stability_analysis.png")

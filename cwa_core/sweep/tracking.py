@@ -6,7 +6,9 @@ Hierarchy, all in one experiment per sweep name:
       one run per seed and selection (params model, metric, mode, topk, perturbation,
       selection, seed; metrics ppl, baseline_ppl, ppl_ratio)
     stability run per (model, metric, K, mode): jaccard_mean/min/max, spearman_mean
-Every run is tagged with the cell id, so a resumed sweep can see what is already logged.
+Every run below the sweep run is tagged with the cell id and the sweep run's id, so a resumed
+sweep can find (and replace) what an interrupted run of the same sweep half-logged, and
+nothing else: runs of earlier sweeps of the same cells are never touched.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ TAG_CELL = "cwa.cell_id"
 TAG_KIND = "cwa.kind"
 TAG_SWEEP = "cwa.sweep"
 TAG_STABILITY = "cwa.stability_key"
+TAG_SWEEP_RUN = "cwa.sweep_run_id"
 
 
 def _flat(settings: dict) -> dict[str, str]:
@@ -51,12 +54,14 @@ class Tracker:
         else:
             self.experiment_id = exp.experiment_id
         self.experiment = experiment
+        self.resumed = False  # True once start_sweep has reopened an existing sweep run
 
     # -- helpers ---------------------------------------------------------------------------
     def _run(self, name: str, parent: str | None, tags: dict) -> str:
         all_tags = dict(tags)
         if parent:
             all_tags["mlflow.parentRunId"] = parent
+            all_tags.setdefault(TAG_SWEEP_RUN, parent)
         return self.client.create_run(self.experiment_id, tags=all_tags, run_name=name).info.run_id
 
     def _log(self, run_id: str, params: dict | None = None, metrics: dict | None = None) -> None:
@@ -69,15 +74,16 @@ class Tracker:
             params=[Param(k, str(v)[:6000]) for k, v in (params or {}).items()],
         )
 
-    def runs_tagged(self, key: str, value: str) -> list:
-        return list(self.client.search_runs([self.experiment_id], filter_string=f"tags.`{key}` = '{value}'",
-                                            max_results=5000))
+    def runs_tagged(self, **tags: str) -> list:
+        where = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+        return list(self.client.search_runs([self.experiment_id], filter_string=where, max_results=5000))
 
     # -- the sweep -------------------------------------------------------------------------
     def start_sweep(self, sweep, parent_run_id: str | None) -> str:
         if parent_run_id:
             try:
                 self.client.update_run(parent_run_id, status="RUNNING")
+                self.resumed = True
                 return parent_run_id
             except Exception:  # deleted or from another store: start afresh
                 log.warning("parent run %s not found in %s; starting a new one", parent_run_id, self.uri)
@@ -91,12 +97,15 @@ class Tracker:
         self._log(run_id, metrics={k: v for k, v in summary.items() if isinstance(v, (int, float))})
         self.client.set_terminated(run_id, status)
 
-    def forget_cell(self, cell_id: str) -> int:
-        """Delete runs of a cell left half-logged by an interrupted sweep; returns how many."""
-        runs = self.runs_tagged(TAG_CELL, cell_id)
+    def forget_cell(self, cell_id: str, sweep_run_id: str) -> list[str]:
+        """Delete the runs of a cell that an interrupted run of this sweep (``sweep_run_id``)
+        left behind, half-logged; returns their ids. A fresh sweep run has none to look for."""
+        if not self.resumed:
+            return []
+        runs = self.runs_tagged(**{TAG_CELL: cell_id, TAG_SWEEP_RUN: sweep_run_id})
         for r in runs:
             self.client.delete_run(r.info.run_id)
-        return len(runs)
+        return [r.info.run_id for r in runs]
 
     def log_cell(self, parent: str, cell, result: dict, cell_dir: Path) -> str:
         """The cell run with its children; ``result`` is the cell's perturbation report."""
@@ -110,7 +119,8 @@ class Tracker:
                   metrics={"baseline_ppl": result["baseline"]["ppl"],
                            **{f"{k}_ppl_ratio_mean": sum(v) / len(v) for k, v in means.items()}})
         for r in result["results"]:
-            child = self._run(f"{name}/{r['selection']}/seed{r['seed']}", run_id, {TAG_CELL: cell.id, TAG_KIND: "seed"})
+            child = self._run(f"{name}/{r['selection']}/seed{r['seed']}", run_id,
+                              {TAG_CELL: cell.id, TAG_KIND: "seed", TAG_SWEEP_RUN: parent})
             self._log(child, params={"model": cell.settings["model"], "metric": cfg.metric, "mode": cfg.mode,
                                      "topk": cfg.topk, "perturbation": cfg.perturb, "selection": r["selection"],
                                      "seed": r["seed"], "cell_id": cell.id},
