@@ -241,10 +241,12 @@ def _fmt(x) -> str:
 
 
 def write_result(name: str, payload: dict, out_dir: Path | str | None = None) -> Path:
+    """``<out_dir or benchmarks/results>/<name>.json``: the payload plus the machine; says where."""
     out = Path(out_dir) if out_dir is not None else RESULTS
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.json"
     path.write_text(json.dumps({"benchmark": name, "machine": machine(), **payload}, indent=2, default=str) + "\n")
+    print(f"wrote {path}")
     return path
 
 

@@ -271,8 +271,7 @@ def main(argv=None) -> dict:
     print(f"total wall time {total:.1f} s ({'under' if within else 'OVER'} the {TIME_LIMIT_S // 60}-minute limit)")
     payload = {"mode": "cpu-smoke" if smoke else "gpu", "plan": asdict(plan), "peak_bf16_tflops_assumed": peak,
                "total_seconds": total, "under_time_limit": within, "time_limit_s": TIME_LIMIT_S, "models": runs}
-    path = common.write_result("gpu_8b" if not smoke else "gpu_8b_cpu_smoke", payload, args.out)
-    print(f"wrote {path}")
+    common.write_result("gpu_8b" if not smoke else "gpu_8b_cpu_smoke", payload, args.out)
     return payload
 
 

@@ -105,8 +105,7 @@ def _run(args) -> dict:
     print(f"memory: {figures['grad_x_weight']['isolation']}; counted above the same command on a tiny model")
     print(f"grad_x_weight and plain agree on the global top weight: {same}")
     payload = {"settings": {**s, "model": info}, "figures": figures, "same_top_weight": same}
-    path = common.write_result("gradient_memory", payload, args.out)
-    print(f"wrote {path}")
+    common.write_result("gradient_memory", payload, args.out)
     return payload
 
 

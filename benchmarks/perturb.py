@@ -110,8 +110,7 @@ def _run(args) -> dict:
         "extra_memory_fraction_of_model": {v: mem[v]["extra_x_model"] for v in VARIANTS},
         "memory": mem,
     }
-    path = common.write_result("perturb", payload, args.out)
-    print(f"wrote {path}")
+    common.write_result("perturb", payload, args.out)
     return payload
 
 

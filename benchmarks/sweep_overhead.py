@@ -28,8 +28,9 @@ def sweep_dict(quick: bool) -> dict:
         "name": "overhead", "model": str(ASSETS / "stories260k"), "data_file": str(ASSETS / "corpora" / "tinystories_val.txt"),
         "metric": {"grid_search": ["grad_x_weight", "grad_squared"]}, "topk": {"grid_search": [50, 200]},
         "mode": "global", "perturb": {"grid_search": ["sign_flip", "zero"]}, "seeds": [0, 1, 2],
+        # a workload of about a minute for the plain loop on 2 cores (the issue's size)
         "max_samples": 4 if quick else 24, "max_length": 64 if quick else 256,
-        "eval_samples": 4 if quick else 160, "eval_length": 64 if quick else 256,
+        "eval_samples": 4 if quick else 224, "eval_length": 64 if quick else 256,
         "stability_check": True, "save_plots": False,
         "resources": {"cpus_per_actor": 2, "actors_per_model": 1},
     }
@@ -81,25 +82,32 @@ def run_sweep(sweep, out: Path) -> dict:
     """The whole command's work: Ray start-up included, shut down afterwards."""
     import ray
 
-    from cwa_core.sweep.runner import SweepRunner, init_ray
+    from cwa_core.sweep.runner import SweepRunner
 
-    init_ray(None, num_cpus=2)
+    ours = not ray.is_initialized()  # a Ray someone else started (the test session's) is left running
     try:
-        m = SweepRunner(sweep, out, tracking_uri=f"sqlite:///{out}/mlflow.db", progress=False).run()
+        m = SweepRunner(sweep, out, tracking_uri=f"sqlite:///{out}/mlflow.db", progress=False, num_cpus=2).run()
     finally:
-        ray.shutdown()
-    return {"model_loads": m["model_loads"], "scoring_passes": m["scoring_passes"]}
+        t = time.perf_counter()
+        if ours:
+            ray.shutdown()
+        shutdown = time.perf_counter() - t
+    return {"model_loads": m["model_loads"], "scoring_passes": m["scoring_passes"],
+            "timings_s": {**m["runs"][-1]["timings_s"], "ray_shutdown_s": shutdown}}
 
 
 def main(argv=None) -> dict:
     from cwa_core.sweep import spec
 
     p = parser(__doc__.splitlines()[0])
+    p.add_argument("--pairs", type=int, default=3, help="plain/sweep pairs, interleaved (default 3)")
     args = p.parse_args(argv)
     torch.set_num_threads(2)
     sweep = spec.parse(sweep_dict(args.quick))
     times: dict[str, list[float]] = {"plain": [], "sweep": []}
-    order = ["plain", "sweep"] if args.quick else ["plain", "sweep", "sweep", "plain"]  # interleaved: fair to both
+    pairs = 1 if args.quick else args.pairs
+    order = [v for i in range(pairs) for v in (("plain", "sweep") if i % 2 == 0 else ("sweep", "plain"))]  # fair to both
+    breakdown = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, variant in enumerate(order):
             out = Path(tmp) / f"{variant}{i}"
@@ -108,6 +116,7 @@ def main(argv=None) -> dict:
             times[variant].append(time.perf_counter() - t)
             if variant == "sweep":
                 swept = counts
+                breakdown.append(counts["timings_s"])
             else:
                 plain = counts
         first = {v: Path(tmp) / f"{v}{order.index(v)}" / sweep.cells[0].id / "perturbation_results.json" for v in times}
@@ -120,11 +129,13 @@ def main(argv=None) -> dict:
     ratio = t_sweep / t_plain
     print(f"sweep / plain = {ratio:.3f} ({len(sweep.cells)} cells, {swept['scoring_passes']} scoring passes; "
           f"same numbers: {same})")
+    parts = {k: sum(b.get(k, float("nan")) for b in breakdown) / len(breakdown) for k in breakdown[0]}
+    print("sweep's own steps (mean s): " + ", ".join(f"{k} {v:.2f}" for k, v in parts.items()))
     payload = {"settings": sweep_dict(args.quick), "cells": len(sweep.cells), "runs": times, "plain_seconds": t_plain,
                "sweep_seconds": t_sweep, "ratio": ratio, "model_loads": swept["model_loads"],
-               "scoring_passes": swept["scoring_passes"], "same_numbers": same, "quick": args.quick}
-    path = write_result("sweep_overhead", payload, args.out)
-    print(f"wrote {path}")
+               "scoring_passes": swept["scoring_passes"], "same_numbers": same, "quick": args.quick,
+               "sweep_steps_s": parts, "order": order}
+    write_result("sweep_overhead", payload, args.out)
     return payload
 
 

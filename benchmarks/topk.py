@@ -78,8 +78,7 @@ def _run(args) -> dict:
         "peak_memory_x_model": {v: mem[v]["peak_x_model"] for v in VARIANTS},
         "memory": mem,
     }
-    path = common.write_result("topk", payload, args.out)
-    print(f"wrote {path}")
+    common.write_result("topk", payload, args.out)
     return payload
 
 

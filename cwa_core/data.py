@@ -143,7 +143,7 @@ class DataSplit:
 
 def split(
     calib: TokenStream,
-    eval: TokenStream | None = None,
+    held_out: TokenStream | None = None,
     *,
     calib_length: int,
     eval_length: int,
@@ -151,8 +151,8 @@ def split(
 ) -> DataSplit:
     """Plan evaluation windows (the last ``n_eval`` of the eval stream, ``None`` = all) and
     the calibration region (everything before them when the stream is shared)."""
-    shared = eval is None or eval is calib
-    ev = calib if shared else eval
+    shared = held_out is None or held_out is calib
+    ev = calib if shared else held_out
     total = ev.n_windows(eval_length)
     if total == 0:
         raise ValueError(f"evaluation text from {ev.source!r} is shorter than one {eval_length}-token window")

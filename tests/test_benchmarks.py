@@ -217,3 +217,17 @@ def test_lean_loss_gives_nll_sums_gradient_bit_for_bit(dtype, chunk_rows, monkey
     assert torch.equal(grads[0].view(bits), grads[1].view(bits))
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
 
+
+
+def test_sweep_overhead_runs_both_ways_with_one_model_load(tmp_path, ray_local):
+    from benchmarks import sweep_overhead
+
+    out = sweep_overhead.main(["--quick", "--out", str(tmp_path)])
+    data = _json(tmp_path, "sweep_overhead")
+    assert out["same_numbers"] is True  # the sweep and the plain loop give the same perplexities
+    assert data["model_loads"] == 1 and data["scoring_passes"] == 6  # 2 metrics x 3 seeds, shared across K
+    assert data["cells"] == 8 and data["order"] == ["plain", "sweep"]
+    assert _finite(data["ratio"]) and data["ratio"] > 0
+    steps = data["sweep_steps_s"]
+    assert {"tracking_start_s", "first_result_s", "tasks_s", "ray_shutdown_s"} <= set(steps)
+    assert 0 < steps["first_result_s"] < steps["tasks_s"]
