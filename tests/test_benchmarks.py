@@ -222,11 +222,14 @@ def test_lean_loss_gives_nll_sums_gradient_bit_for_bit(dtype, chunk_rows, monkey
 def test_sweep_overhead_runs_both_ways_with_one_model_load(tmp_path, ray_local):
     from benchmarks import sweep_overhead
 
-    out = sweep_overhead.main(["--quick", "--out", str(tmp_path)])
+    out = sweep_overhead.main(["--quick", "--two-actors", "--out", str(tmp_path)])
     data = _json(tmp_path, "sweep_overhead")
     assert out["same_numbers"] is True  # the sweep and the plain loop give the same perplexities
     assert data["model_loads"] == 1 and data["scoring_passes"] == 6  # 2 metrics x 3 seeds, shared across K
-    assert data["cells"] == 8 and data["order"] == ["plain", "sweep"]
+    assert data["cells"] == 8 and data["order"] == ["plain", "sweep", "sweep_2x1"]
+    two = data["two_actors"]
+    assert two["model_loads"] == 2 and two["scoring_passes"] == 6  # one load per actor; the passes split
+    assert data["max_relative_difference"]["sweep_2x1"] < 1e-5 and _finite(two["ratio"])
     assert _finite(data["ratio"]) and data["ratio"] > 0
     steps = data["sweep_steps_s"]
     assert {"tracking_start_s", "first_result_s", "tasks_s", "ray_shutdown_s"} <= set(steps)

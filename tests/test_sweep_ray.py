@@ -194,3 +194,14 @@ def test_a_fresh_sweep_into_the_same_store_keeps_the_earlier_runs(sweep_run, tmp
     _, runs_after, by = mlflow_runs_by_kind(uri, "real260")
     assert {r.info.run_id for r in runs_before} <= {r.info.run_id for r in runs_after}  # nothing deleted
     assert len(by["sweep"]) == 2 and len(by["cell"]) == 8 + 1 and len(by["seed"]) == 72 + 9
+
+
+def test_local_ray_starts_no_idle_workers_of_its_own(ray_local):
+    """Prestarted idle workers cost a small machine start-up time and background CPU; the
+    raylet of a local Ray is told not to start them (and none is running beyond our actors)."""
+    me = psutil.Process()
+    raylets = [p for p in me.children(recursive=True) if p.name() == "raylet"]
+    assert raylets, "no raylet found among this session's processes"
+    assert raylets[0].environ().get("RAY_prestart_worker_first_driver") == "0"
+    idle = [p for p in raylets[0].children(recursive=True) if "ray::IDLE" in " ".join(p.cmdline())]
+    assert not idle, f"{len(idle)} idle Ray workers"

@@ -43,6 +43,11 @@ def init_ray(address: str | None, num_cpus: int | None = None, num_gpus: int | N
         # 127.0.0.1 instead of all interfaces. Ray reads it when first imported, so it is set
         # before the import; tests/test_sweep_ray.py checks the sockets.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        # Ray would start one idle Python worker per CPU as the driver connects; the sweep
+        # starts its actors itself, and on a small machine those idle workers slow Ray's start
+        # by about a second and keep polling for the whole sweep (measured in
+        # benchmarks/README.md). Read by the raylet it starts; a user's own setting wins.
+        os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
     import ray
 
     if ray.is_initialized():
