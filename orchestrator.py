@@ -97,11 +97,8 @@ def build_parser() -> OneLineParser:
     return p
 
 
-FLAG_OF = {"stability_check": "--stability-check", "save_plots": "--save-plots"}
-
-
 def flag(key: str) -> str:
-    return FLAG_OF.get(key, "--" + key.replace("_", "-"))
+    return "--" + key.replace("_", "-")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -137,8 +134,8 @@ def run_sweep(args: argparse.Namespace) -> int:
         sweep = sweep_spec.load(args.sweep, demo_paths_fn=None if args.dry_run else demo_paths)
     except sweep_spec.SpecError as e:
         raise UsageError(str(e)) from None
-    plan = make_plan(sweep.cells)
     if args.dry_run:
+        plan = make_plan(sweep.cells)
         print(format_table(plan.rows()))
         counts = plan.counts()
         print(f"{counts['cells']} cells over {counts['models']} model(s): {counts['baselines']} baseline evaluation(s), "
@@ -205,7 +202,7 @@ def run_single(args: argparse.Namespace) -> int:
         write_failure(cfg.out_dir, cfg.to_dict(), e, started)
         raise
     info = loaded.info
-    manifest = write_experiment(cfg.out_dir, result, model_info=info.__dict__ if info else None,
+    manifest = write_experiment(cfg.out_dir, result, model_info=info.__dict__,
                                 device=info.device, dtype=info.dtype, started=started,
                                 extra_timings={"model_load": load_s})
     _summary(result, manifest, cfg.out_dir)

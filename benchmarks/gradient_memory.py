@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import time
 
-import torch
-
 from benchmarks import common
 from cwa_core.architectures import scored_params
 from cwa_core.evaluate import logits_of, nll_sum

@@ -40,7 +40,8 @@ def sweep_dict(quick: bool, actors: int = 1) -> dict:
 
 def plain_loop(sweep, out: Path) -> dict:
     """What a researcher's script would do with cwa_core alone, sharing the same work."""
-    from cwa_core.experiment import ExperimentResult, evaluate_selection, load_split, score_seed, stability_report
+    from cwa_core.experiment import (ExperimentResult, evaluate_selection, load_split, score_seed, stability_report,
+                                     tensor_table)
     from cwa_core.evaluate import perplexity
     from cwa_core.architectures import scored_params
     from cwa_core.metrics import ScoreOptions
@@ -53,7 +54,6 @@ def plain_loop(sweep, out: Path) -> dict:
     lm = load_model(cfg0.model, dtype=cfg0.dtype, device=cfg0.device)
     split = load_split(cfg0, lm.tokenizer)
     refs = scored_params(lm.model, cfg0.param_types)
-    tensors = [{"name": r.name, "layer": r.layer, "param_type": r.param_type, "shape": list(r.shape)} for r in refs]
     base = perplexity(lm.model, split.eval_windows(), batch_size=cfg0.eval_batch_size)
     k_max = max(c.config.topk for c in sweep.cells)
     modes = sorted({c.config.mode for c in sweep.cells})
@@ -74,7 +74,7 @@ def plain_loop(sweep, out: Path) -> dict:
         seed_scores = [scores[(cfg.metric, s)] for s in cfg.seeds]
         stab = stability_report(seed_scores, k=cfg.topk, mode=cfg.mode, offsets=tensor_offsets(refs))
         res = ExperimentResult(replace(cfg, out_dir=str(out / cell.id)), base, rows, seed_scores, stab,
-                               split.describe(), tensors, {})
+                               split.describe(), tensor_table(refs), {})
         write_experiment(out / cell.id, res, model_info=lm.info.__dict__, device=lm.info.device, dtype=lm.info.dtype,
                          started=time.perf_counter())
     return {"model_loads": 1}

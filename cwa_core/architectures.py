@@ -5,7 +5,7 @@ attribute path. An unknown ``config.model_type`` fails loudly with the list of k
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable
 
 import torch
@@ -43,15 +43,7 @@ _LLAMA_LIKE = ArchSpec(
 # Mixtral's experts are fused 3-D parameters in transformers 5 (mlp.experts.gate_up_proj
 # (E, 2I, H), mlp.experts.down_proj (E, H, I)); transformers 4 had block_sparse_moe.experts.N.w2.
 # Either way there is no one down projection module per block.
-_MIXTRAL = ArchSpec(
-    layers="model.layers",
-    attention=("self_attn.",),
-    mlp=("mlp.", "block_sparse_moe."),
-    down_proj=None,
-    embeddings=("model.embed_tokens",),
-    lm_head=("lm_head",),
-    final_norm=("model.norm",),
-)
+_MIXTRAL = replace(_LLAMA_LIKE, down_proj=None)
 
 ARCHITECTURES: dict[str, ArchSpec] = {
     "llama": _LLAMA_LIKE,

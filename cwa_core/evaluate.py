@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -17,9 +17,6 @@ class Perplexity:
     n_tokens: int  # predictions scored
     n_windows: int
     window_length: int
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def model_device(model: nn.Module) -> torch.device:

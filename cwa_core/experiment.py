@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -22,7 +22,7 @@ from .data import DataSplit, load_wikitext2_test, read_text, split, tokenize
 from .evaluate import Perplexity, model_device, perplexity
 from .metrics import METRICS, ScoreOptions, score
 from .perturb import PerturbSpec, perturbed
-from .selection import ScoreCollector, Selection, TensorStats, random_selection, tensor_offsets
+from .selection import KINDS, ScoreCollector, Selection, TensorStats, random_selection, tensor_offsets
 from .stability import jaccard, pairwise, spearman
 
 log = logging.getLogger(__name__)
@@ -83,10 +83,11 @@ def score_seed(model: nn.Module, refs: Sequence[ParamRef], data: DataSplit, *, m
     collector = ScoreCollector(refs, k, tuple(modes), gathers, seed=seed)
     m = METRICS.get(metric)
     calib = None if m.data_independent else data.calib_windows(max_samples, seed)
-    score(model, refs, metric, calib, collector, ScoreOptions(opts.micro_batch, opts.hutchinson_probes, seed, opts.progress))
-    if collector.missing():
-        raise RuntimeError(f"metric {metric} never scored {collector.missing()[:3]}")
-    sels = {(kind, mode): collector.selection(kind, mode) for kind in ("top_k", "bottom_k", "random_k") for mode in modes}
+    score(model, refs, metric, calib, collector, replace(opts, seed=seed))
+    missing = collector.missing()
+    if missing:
+        raise RuntimeError(f"metric {metric} never scored {missing[:3]}")
+    sels = {(kind, mode): collector.selection(kind, mode) for kind in KINDS for mode in modes}
     if model_device(model).type == "cuda":
         torch.cuda.synchronize()
     return SeedScores(seed, metric, k, sels, collector.gathered("stability"), list(collector.stats),
@@ -184,14 +185,17 @@ def run_experiment(cfg: ExperimentConfig, model: nn.Module, tokenizer, *, progre
         for kind in kinds:
             bar.set_postfix_str(f"seed {seed}: {kind}")
             t = time.perf_counter()
-            results.append(evaluate_selection(model, refs, ss.selection(kind, cfg.mode), PerturbSpec(
-                spec.method, spec.scale, spec.bit, seed), eval_windows, baseline, seed=seed,
-                batch_size=cfg.eval_batch_size))
+            results.append(evaluate_selection(model, refs, ss.selection(kind, cfg.mode), replace(spec, seed=seed),
+                                              eval_windows, baseline, seed=seed, batch_size=cfg.eval_batch_size))
             timings["perturb_eval"] += time.perf_counter() - t
             bar.update()
     bar.close()
     stability = None
     if cfg.stability_check:
         stability = stability_report(seed_scores, k=cfg.topk, mode=cfg.mode, offsets=tensor_offsets(refs))
-    tensors = [{"name": r.name, "layer": r.layer, "param_type": r.param_type, "shape": list(r.shape)} for r in refs]
-    return ExperimentResult(cfg, baseline, results, seed_scores, stability, data.describe(), tensors, timings)
+    return ExperimentResult(cfg, baseline, results, seed_scores, stability, data.describe(), tensor_table(refs), timings)
+
+
+def tensor_table(refs: Sequence[ParamRef]) -> list[dict]:
+    """The scored tensors as the outputs describe them (name, layer, type, shape), in order."""
+    return [{"name": r.name, "layer": r.layer, "param_type": r.param_type, "shape": list(r.shape)} for r in refs]

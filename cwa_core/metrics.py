@@ -46,7 +46,6 @@ class Metric:
     name: str
     fn: Callable[..., None]
     needs_grad: bool
-    needs_activations: bool
     data_independent: bool
     description: str
 
@@ -54,10 +53,9 @@ class Metric:
 METRICS: Registry[Metric] = Registry("metric")
 
 
-def metric(name: str, *, needs_grad: bool = False, needs_activations: bool = False,
-           data_independent: bool = False, description: str = ""):
+def metric(name: str, *, needs_grad: bool = False, data_independent: bool = False, description: str = ""):
     def deco(fn):
-        METRICS.add(name, Metric(name, fn, needs_grad, needs_activations, data_independent, description))
+        METRICS.add(name, Metric(name, fn, needs_grad, data_independent, description))
         return fn
     return deco
 
@@ -285,7 +283,8 @@ def _grad_squared(model, refs, calib, sink, opts):
         for h in handles:
             h.remove()
     for r in refs:
-        sink(r, acc.pop(id(r.param), torch.zeros(r.shape, device=r.param.device)))
+        a = acc.pop(id(r.param), None)  # None: the tensor never got a gradient
+        sink(r, a if a is not None else torch.zeros(r.shape, device=r.param.device))
 
 
 def hutchinson_diagonal(model: nn.Module, refs: Sequence[ParamRef], calib: torch.Tensor,
@@ -347,11 +346,12 @@ def _hutchinson(model, refs, calib, sink, opts):
 
 
 class _ActivationStats:
-    """Per-input-channel sum of squares and max |x| of every scored module, via hooks."""
+    """Per-input-channel max |x| (``use_max``) or sum of squares of every scored module's
+    input, via hooks: ``chan[id(module)]``."""
 
-    def __init__(self, refs: Sequence[ParamRef]) -> None:
-        self.sumsq: dict[int, torch.Tensor] = {}
-        self.maxabs: dict[int, torch.Tensor] = {}
+    def __init__(self, refs: Sequence[ParamRef], use_max: bool) -> None:
+        self.use_max = use_max
+        self.chan: dict[int, torch.Tensor] = {}
         self.handles = []
         seen = set()
         for r in refs:
@@ -367,12 +367,13 @@ class _ActivationStats:
     def _update(self, module: nn.Module, x: torch.Tensor) -> None:
         xf = x.detach().reshape(-1, x.shape[-1]).float()  # (tokens, channels)
         key = id(module)
-        sq, mx = xf.square().sum(0), xf.abs().amax(0)
-        if key in self.sumsq:
-            self.sumsq[key] += sq
-            torch.maximum(self.maxabs[key], mx, out=self.maxabs[key])
+        c = xf.abs().amax(0) if self.use_max else xf.square().sum(0)
+        if key not in self.chan:
+            self.chan[key] = c
+        elif self.use_max:
+            torch.maximum(self.chan[key], c, out=self.chan[key])
         else:
-            self.sumsq[key], self.maxabs[key] = sq, mx
+            self.chan[key] += c
 
     def _pre(self, module, args):
         self._update(module, args[0])
@@ -388,7 +389,7 @@ class _ActivationStats:
 
 
 def _activation_scores(model, refs, calib, sink, opts, use_max: bool) -> None:
-    stats = _ActivationStats(refs)
+    stats = _ActivationStats(refs, use_max)
     try:
         for _ in _forward_only(model, calib, opts, "activations"):
             pass
@@ -397,19 +398,15 @@ def _activation_scores(model, refs, calib, sink, opts, use_max: bool) -> None:
     counts = torch.bincount(calib.reshape(-1))
     for r in refs:
         w = r.param.detach().abs().float()
-        key = id(r.module)
+        chan = stats.chan.get(id(r.module))
+        if chan is not None and not use_max:
+            chan = chan.sqrt()  # ||x||_2 per channel
         if r.leaf == "bias":
             s = w
         elif r.in_dim is not None:
-            chan = (stats.maxabs if use_max else stats.sumsq).get(key)
-            if chan is None:
-                s = torch.zeros_like(w)
-            else:
-                chan = chan if use_max else chan.sqrt()
-                s = w * (chan[None, :] if r.in_dim == 1 else chan[:, None])
+            s = torch.zeros_like(w) if chan is None else w * (chan[None, :] if r.in_dim == 1 else chan[:, None])
         elif r.param_type == "norm":
-            chan = (stats.maxabs if use_max else stats.sumsq).get(key)
-            s = torch.zeros_like(w) if chan is None else (chan if use_max else chan.sqrt())
+            s = torch.zeros_like(w) if chan is None else chan
         elif r.param_type == "embedding" and w.dim() == 2:
             c = torch.zeros(w.shape[0], device=w.device)
             n = min(len(counts), w.shape[0])
@@ -426,13 +423,13 @@ def _forward_only(model, calib, opts, desc):
         yield logits_of(model, ids.to(device, non_blocking=True))
 
 
-@metric("wanda", needs_activations=True,
+@metric("wanda",
         description="|w| * ||x_in||_2 of its input channel over calibration tokens")
 def _wanda(model, refs, calib, sink, opts):
     _activation_scores(model, refs, calib, sink, opts, use_max=False)
 
 
-@metric("act_contrib", needs_activations=True,
+@metric("act_contrib",
         description="max over tokens of |x_k * W_jk|, a weight's largest single contribution")
 def _act_contrib(model, refs, calib, sink, opts):
     _activation_scores(model, refs, calib, sink, opts, use_max=True)

@@ -323,8 +323,7 @@ def load_model(
     """
     try:
         dev = resolve_device(device) if device_map is None else None
-        auto_dev = dev or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        torch_dtype = resolve_dtype(dtype, auto_dev)
+        torch_dtype = resolve_dtype(dtype, dev)  # dev None (device_map): "auto" asks resolve_device
     except ValueError as err:
         raise ModelLoadError(str(err)) from None
 
@@ -391,12 +390,10 @@ def load_model(
         raise _translate(shown_id, revision, err, "weights") from err
     if device_map is None:
         model.to(dev)
-    model.eval()
-
-    if device_map is None:
         dev_str = str(dev)
     else:
         dev_str = ",".join(sorted({str(p.device) for p in model.parameters()}))
+    model.eval()
     info = ModelInfo(
         model_id=shown_id,
         source=source,

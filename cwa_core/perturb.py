@@ -6,7 +6,7 @@ written back through an integer view of the storage, so even NaN payloads and -0
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -33,7 +33,7 @@ class PerturbSpec:
         scale = self.scale if self.scale is not None else p.default_scale
         if p.needs_scale and scale is None:
             raise ValueError(f"perturbation {self.method!r} needs a scale")
-        return PerturbSpec(self.method, scale if p.needs_scale else None, self.bit, self.seed)
+        return replace(self, scale=scale if p.needs_scale else None)
 
 
 @dataclass(frozen=True)
@@ -119,9 +119,9 @@ def perturbed(refs: Sequence[ParamRef], selection: Selection, spec: PerturbSpec)
                     raise ValueError(f"{refs[tid].name} is not contiguous; cannot perturb in place")
                 flat = p.data.view(-1)
                 idx = idx.to(flat.device)
-                saved.append((flat, idx, int_view(flat)[idx].clone()))
+                saved.append((flat, idx, int_view(flat)[idx]))  # indexing copies: the original bits
                 # distinct seeds per tensor so noise is not the same pattern everywhere
-                method.apply(flat, idx, PerturbSpec(spec.method, spec.scale, spec.bit, spec.seed * 1_000_003 + tid))
+                method.apply(flat, idx, replace(spec, seed=spec.seed * 1_000_003 + tid))
                 touched += idx.numel()
         yield touched
     finally:

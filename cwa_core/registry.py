@@ -1,7 +1,7 @@
 """A small name -> entry registry with helpful errors (metrics, perturbations, ...)."""
 from __future__ import annotations
 
-from typing import Callable, Generic, Iterator, TypeVar
+from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -14,7 +14,7 @@ class UnknownNameError(KeyError):
 
 
 class Registry(Generic[T]):
-    """Plain dict of named entries, filled by a decorator; duplicates raise."""
+    """Plain dict of named entries (modules' decorators add them); duplicates raise."""
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
@@ -25,12 +25,6 @@ class Registry(Generic[T]):
             raise ValueError(f"duplicate {self.kind} name {name!r}")
         self._entries[name] = entry
         return entry
-
-    def register(self, name: str) -> Callable[[T], T]:
-        def deco(entry: T) -> T:
-            return self.add(name, entry)
-
-        return deco
 
     def get(self, name: str) -> T:
         try:
@@ -45,6 +39,3 @@ class Registry(Generic[T]):
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._entries)

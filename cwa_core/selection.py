@@ -367,8 +367,9 @@ class ScoreCollector:
 
     def selection(self, kind: str, mode: str) -> Selection:
         """The top_k / bottom_k / random_k selection (at the collector's ``k``) in ``mode``."""
-        if self.missing():
-            raise RuntimeError(f"{len(self.missing())} tensors never scored, e.g. {self.missing()[0]}")
+        missing = self.missing()
+        if missing:
+            raise RuntimeError(f"{len(missing)} tensors never scored, e.g. {missing[0]}")
         if mode not in self.modes:
             raise ValueError(f"mode {mode!r} was not collected; collected: {', '.join(self.modes)}")
         if kind == "random_k":
@@ -383,10 +384,9 @@ class ScoreCollector:
     def gathered(self, name: str) -> Selection:
         """A pre-drawn selection with its scores filled in."""
         sel = self.gathers[name]
-        per = sel.by_tensor()
         scores = torch.empty(len(sel))
-        for t, idx in per.items():
-            mask = sel.tensor_ids == t
-            # by_tensor keeps draw order within a tensor, so positions line up
-            scores[mask] = self._gathered[name][t]
+        if len(sel):
+            # the gathered scores follow by_tensor's order: tensors ascending, draw order within
+            order = torch.argsort(sel.tensor_ids, stable=True)
+            scores[order] = torch.cat([self._gathered[name][t] for t in sorted(self._gather_idx[name])])
         return Selection(sel.kind, sel.mode, sel.k, sel.tensor_ids, sel.flat_idx, scores)

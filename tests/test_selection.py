@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from cwa_core import metrics, selection
+from cwa_core import metrics
 from cwa_core.architectures import scored_params
 from cwa_core.selection import ScoreCollector, random_selection, sample_without_replacement, tensor_offsets
 from tiny_models import tiny_model

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..config import ExperimentConfig
-from .spec import Cell, Sweep
+from .spec import Cell
 
 MODEL_FIELDS = ("model", "dtype", "device", "revision", "trust_remote_code")
 DATA_FIELDS = ("data_file", "eval_file", "bos", "max_length", "eval_length", "eval_samples")
@@ -36,7 +36,6 @@ def score_key(cfg: ExperimentConfig, seed: int) -> tuple:
 
 @dataclass
 class ScoreTask:
-    key: tuple
     config: ExperimentConfig  # any cell's config (the shared fields are what matter)
     seed: int
     k: int = 0
@@ -71,7 +70,7 @@ def make_plan(cells: list[Cell]) -> Plan:
         models.setdefault(model_key(cfg), []).append(cell)
         baselines.setdefault(baseline_key(cfg), cfg)
         for seed in cfg.seeds:
-            task = scores.setdefault(score_key(cfg, seed), ScoreTask(score_key(cfg, seed), cfg, seed))
+            task = scores.setdefault(score_key(cfg, seed), ScoreTask(cfg, seed))
             task.k = max(task.k, cfg.topk)
             task.modes.add(cfg.mode)
     return Plan(cells, models, baselines, scores)
@@ -85,6 +84,3 @@ def format_table(rows: list[dict]) -> str:
     line = lambda r: "  ".join(str(r[c]).ljust(width[c]) for c in cols)
     return "\n".join([line({c: c for c in cols}), line({c: "-" * width[c] for c in cols}), *map(line, rows)])
 
-
-def sweep_plan(sweep: Sweep) -> Plan:
-    return make_plan(sweep.cells)

@@ -22,15 +22,14 @@ from ..experiment import ExperimentResult, SeedScores, stability_report
 from ..outputs import write_experiment, write_json
 from ..selection import offsets_of
 from .plan import Plan, baseline_key, make_plan, model_key, score_key
-from .spec import Cell, Sweep
+from .spec import Cell, Sweep, with_out_dir
 from .worker import ModelWorker
 
 log = logging.getLogger(__name__)
 MANIFEST = "sweep_manifest.json"
 
 
-def init_ray(address: str | None, num_cpus: int | None = None, num_gpus: int | None = None, *,
-             dashboard: bool = False):
+def init_ray(address: str | None, num_cpus: int | None = None, *, dashboard: bool = False):
     """Join ``address`` or start a local Ray that listens on the loopback address only.
 
     A local Ray starts without its dashboard unless asked (``dashboard=True``): on a small
@@ -61,8 +60,6 @@ def init_ray(address: str | None, num_cpus: int | None = None, num_gpus: int | N
             # ray read the variable when first imported; if that was before we set it, say it again
             ray_constants.ENABLE_RAY_CLUSTER = False
         kw = {"num_cpus": num_cpus} if num_cpus else {}
-        if num_gpus is not None:
-            kw["num_gpus"] = num_gpus
         ctx = ray.init(log_to_driver=False, include_dashboard=dashboard, **kw)
         url = getattr(ctx, "dashboard_url", None)
         if url:
@@ -105,9 +102,8 @@ def _read_manifest(root: Path) -> dict:
     return {}
 
 
-def finished_cells(root: Path) -> set[str]:
-    """Cells whose manifest says finished and whose folder holds a finished manifest."""
-    m = _read_manifest(root)
+def finished_cells(root: Path, m: dict) -> set[str]:
+    """Cells whose sweep manifest ``m`` says finished and whose folder holds a finished manifest."""
     done = set()
     for cid, c in m.get("cells", {}).items():
         cm = root / cid / "manifest.json"
@@ -118,14 +114,13 @@ def finished_cells(root: Path) -> set[str]:
 
 class SweepRunner:
     def __init__(self, sweep: Sweep, out_root: Path, *, address: str | None = None, tracking_uri: str | None = None,
-                 progress: bool = True, num_cpus: int | None = None, num_gpus: int | None = None,
-                 dashboard: bool = False) -> None:
+                 progress: bool = True, num_cpus: int | None = None, dashboard: bool = False) -> None:
         self.sweep = sweep
         self.root = Path(out_root)
         self.address = address
         self.tracking_uri = tracking_uri or sweep.tracking.tracking_uri
         self.progress = progress
-        self.num_cpus, self.num_gpus = num_cpus, num_gpus
+        self.num_cpus = num_cpus
         self.dashboard = dashboard
         self.manifest = _read_manifest(self.root) or {"name": sweep.name, "cells": {}}
 
@@ -135,7 +130,7 @@ class SweepRunner:
 
     def run(self) -> dict:
         t0 = time.perf_counter()
-        done = finished_cells(self.root)
+        done = finished_cells(self.root, self.manifest)
         pending = [c for c in self.sweep.cells if c.id not in done]
         self.manifest.update({"name": self.sweep.name, "spec_hash": self.sweep.spec_hash,
                               "sweep_file": str(self.sweep.path) if self.sweep.path else None})
@@ -151,7 +146,7 @@ class SweepRunner:
         with ThreadPoolExecutor(max_workers=1) as pool:
             tracking = pool.submit(self._start_tracking) if self.sweep.tracking.enabled else None
             t = time.perf_counter()
-            ray = init_ray(self.address, self.num_cpus, self.num_gpus, dashboard=self.dashboard)
+            ray = init_ray(self.address, self.num_cpus, dashboard=self.dashboard)
             self.timings["ray_start_s"] = time.perf_counter() - t
             groups = self._start_actors(ray, plan)
             tracker = tracking.result() if tracking else None
@@ -247,7 +242,6 @@ class SweepRunner:
                 return
             cell_state[cell.id] = "failed"
             self.manifest["cells"][cell.id].update({"status": "failed", "error": why})
-            self._save()
             prog.update(model_key(cell.config), failed=1, running=-1)
 
         t_start = time.perf_counter()
@@ -265,6 +259,7 @@ class SweepRunner:
                     log.error("%s", why)
                     for c in ([cells[key[0]]] if what == "evaluate" else dependents.get(key, [])):
                         fail_cell(c, why)
+                    self._save()
                     continue
                 if what == "evaluate":
                     evals[key] = value
@@ -310,9 +305,9 @@ class SweepRunner:
             stability = stability_report(seed_scores, k=cfg.topk, mode=cfg.mode, offsets=offsets_of(math.prod(t["shape"]) for t in tensors))
         timings = {"baseline_ppl (shared)": baseline["seconds"], "score (shared)": sum(s.seconds for s in seed_scores),
                    "perturb_eval": sum(r["seconds"] for r in rows)}
-        result = ExperimentResult(replace(cfg, out_dir=str(self.root / cell.id)), base, results, seed_scores, stability,
-                                  baseline["data"], tensors, timings)
-        cell_dir = self.root / cell.id
+        out_cfg = with_out_dir(cell, self.root)
+        result = ExperimentResult(out_cfg, base, results, seed_scores, stability, baseline["data"], tensors, timings)
+        cell_dir = Path(out_cfg.out_dir)
         t = time.perf_counter()
         info = baseline["model"]
         write_experiment(cell_dir, result, model_info=info, device=info["device"], dtype=info["dtype"], started=t)

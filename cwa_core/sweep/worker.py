@@ -16,7 +16,7 @@ from ..architectures import scored_params
 from ..config import ExperimentConfig
 from ..data import DataSplit
 from ..evaluate import perplexity
-from ..experiment import evaluate_selection, load_split, score_seed
+from ..experiment import evaluate_selection, load_split, score_seed, tensor_table
 from ..metrics import ScoreOptions
 from ..models import load_model
 from ..perturb import PerturbSpec
@@ -72,8 +72,7 @@ class ModelWorker:
                         max_samples=cfg.max_samples, opts=ScoreOptions(cfg.micro_batch, cfg.hutchinson_probes),
                         stability_sample=cfg.stability_sample)
         self.counts["scoring_passes"] += 1
-        tensors = [{"name": r.name, "layer": r.layer, "param_type": r.param_type, "shape": list(r.shape)} for r in refs]
-        return {"scores": ss, "tensors": tensors}
+        return {"scores": ss, "tensors": tensor_table(refs)}
 
     def evaluate(self, cfg: ExperimentConfig, selection: Selection, seed: int) -> dict:
         split = self._split(cfg)
