@@ -240,6 +240,19 @@ def _fmt(x) -> str:
     return str(x)
 
 
+def memory_note(mem: dict[str, dict]) -> str:
+    """The line saying how the memory figures of ``measure`` (variant -> figures) were taken."""
+    return f"memory: {next(iter(mem.values()))['isolation']}; counted above the same command on a tiny model"
+
+
+def memory_figures(mem: dict[str, dict], *, peak: bool = False) -> dict:
+    """The JSON keys for ``measure``'s figures: extra (and peak) memory per variant, and all of them."""
+    out = {"extra_memory_fraction_of_model": {v: m["extra_x_model"] for v, m in mem.items()}}
+    if peak:
+        out["peak_memory_x_model"] = {v: m["peak_x_model"] for v, m in mem.items()}
+    return {**out, "memory": mem}
+
+
 def write_result(name: str, payload: dict, out_dir: Path | str | None = None) -> Path:
     """``<out_dir or benchmarks/results>/<name>.json``: the payload plus the machine; says where."""
     out = Path(out_dir) if out_dir is not None else RESULTS

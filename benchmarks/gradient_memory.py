@@ -18,7 +18,7 @@ from benchmarks import common
 from cwa_core.architectures import scored_params
 from cwa_core.evaluate import logits_of, nll_sum
 from cwa_core.metrics import ScoreOptions, score
-from cwa_core.selection import MODES, ScoreCollector
+from cwa_core.selection import MODES, ScoreCollector, tensor_offsets
 
 K = 500
 VARIANTS = ("grad_x_weight", "plain", "grad_squared", "grad_x_weight_no_checkpoint")
@@ -54,7 +54,7 @@ def run_variant(variant: str, shape: common.Shape, s: dict, meter: common.PeakMe
     seconds = time.perf_counter() - t
     meter.stop()
     top = collector.selection("top_k", "global")
-    return {"seconds": seconds, "top_score": float(top.scores[0]), "top_id": int(top.global_ids(collector._offsets)[0]),
+    return {"seconds": seconds, "top_score": float(top.scores[0]), "top_id": int(top.global_ids(tensor_offsets(refs))[0]),
             "scored_params": sum(r.numel for r in refs)}
 
 
@@ -100,7 +100,7 @@ def _run(args) -> dict:
     print(f"gradient scoring memory: {shape.name} ({info['params'] / 1e6:.1f}M params, {nbytes / 2**20:.0f} MiB fp32), "
           f"{s['windows']} x {s['length']} calibration tokens, K={K}, scored: {', '.join(s['param_types'])}")
     print(common.table(rows, ["variant", "peak / model", "extra / model", "seconds", "what"]))
-    print(f"memory: {figures['grad_x_weight']['isolation']}; counted above the same command on a tiny model")
+    print(common.memory_note(figures))
     print(f"grad_x_weight and plain agree on the global top weight: {same}")
     payload = {"settings": {**s, "model": info}, "figures": figures, "same_top_weight": same}
     common.write_result("gradient_memory", payload, args.out)

@@ -101,14 +101,13 @@ def _run(args) -> dict:
     print(common.table(rows, ["what", "ms (median)", "extra / model"]))
     print(f"ours / one perplexity evaluation: {ratio_ppl:.2e}   ours / full copy: {ratio_copy:.3f}   "
           f"restored bit for bit: {restored}   perplexity moved by the flips: {ppl_perturbed != ppl_base}")
-    print(f"memory: {mem['ours']['isolation']}; counted above the same command on a tiny model")
+    print(common.memory_note(mem))
     payload = {
         "settings": {"k": K, "perturbation": "sign_flip", "selection": "random_k global (seed 0)",
                      "eval_windows": windows, "eval_length": length, "tensors_touched": len(touched), "model": info},
         "seconds": times, "ratio_to_perplexity": ratio_ppl, "ratio_to_full_copy": ratio_copy,
         "restored_exactly": restored, "perplexity_changed": ppl_perturbed != ppl_base,
-        "extra_memory_fraction_of_model": {v: mem[v]["extra_x_model"] for v in VARIANTS},
-        "memory": mem,
+        **common.memory_figures(mem),
     }
     common.write_result("perturb", payload, args.out)
     return payload

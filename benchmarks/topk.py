@@ -69,14 +69,12 @@ def _run(args) -> dict:
           f"{info['dtype']}), {scored / 1e6:.1f}M scored weights (attention, mlp, norm)")
     print(common.table(rows, ["variant", "seconds (median)", "extra / model", "peak / model"]))
     print(f"time ours / naive: {ratio:.3f}   same set of global ids: {same}")
-    print(f"memory: {mem['ours']['isolation']}; counted above the same command on a tiny model")
+    print(common.memory_note(mem))
     payload = {
         "settings": {"k": K, "reps": reps, "scored_param_types": ["attention", "mlp", "norm"],
                      "scored_weights": scored, "model": info},
         "same_answer": same, "seconds": times, "time_ratio_ours_over_naive": ratio,
-        "extra_memory_fraction_of_model": {v: mem[v]["extra_x_model"] for v in VARIANTS},
-        "peak_memory_x_model": {v: mem[v]["peak_x_model"] for v in VARIANTS},
-        "memory": mem,
+        **common.memory_figures(mem, peak=True),
     }
     common.write_result("topk", payload, args.out)
     return payload

@@ -9,20 +9,15 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT
-
-sys.path.insert(0, str(ROOT))
-
-from benchmarks import common, gpu_8b, gradient_memory, perturb, topk  # noqa: E402
-from cwa_core import metrics, selection  # noqa: E402
-from cwa_core.architectures import ParamRef, decoder_layers, scored_params  # noqa: E402
-from tiny_models import tiny_model  # noqa: E402
+from benchmarks import common, gpu_8b, gradient_memory, perturb, topk
+from cwa_core import metrics, selection
+from cwa_core.architectures import ParamRef, decoder_layers, scored_params
+from tiny_models import tiny_model
 
 QUICK = ["--quick", "--inprocess"]
 
