@@ -159,15 +159,14 @@ def run_sweep(args: argparse.Namespace) -> int:
 def _sweep_summary(root: Path, sweep) -> None:
     import json
 
+    from cwa_core.experiment import ratios_by_selection
+
     for cell in sweep.cells:
         f = root / cell.id / "perturbation_results.json"
         if not f.exists():
             continue
         res = json.loads(f.read_text())
-        by: dict[str, list[float]] = {}
-        for r in res["results"]:
-            by.setdefault(r["selection"], []).append(r["ppl_ratio"])
-        ratios = "  ".join(f"{k} x{sum(v) / len(v):.3f}" for k, v in by.items())
+        ratios = "  ".join(f"{k} x{sum(v) / len(v):.3f}" for k, v in ratios_by_selection(res["results"]).items())
         c = cell.config
         print(f"  {cell.id}  {c.metric:14s} {c.mode:9s} K={c.topk:<6d} {c.perturb:10s} {ratios}")
 
@@ -210,12 +209,11 @@ def run_single(args: argparse.Namespace) -> int:
 
 
 def _summary(result, manifest: dict, out_dir: str) -> None:
+    from cwa_core.experiment import ratios_by_selection
+
     b = result.baseline
     print(f"baseline perplexity {b.ppl:.4f} ({b.n_windows} windows x {b.window_length} tokens)")
-    by_kind: dict[str, list[float]] = {}
-    for r in result.results:
-        by_kind.setdefault(r["selection"], []).append(r["ppl_ratio"])
-    for kind, ratios in by_kind.items():
+    for kind, ratios in ratios_by_selection(result.results).items():
         print(f"  {kind:9s} ppl ratio mean {sum(ratios) / len(ratios):10.4f}  per seed " +
               ", ".join(f"{x:.4f}" for x in ratios))
     if result.stability:

@@ -30,6 +30,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+# the shared real model and corpora (tests read the same place: tests/conftest.py)
+ASSETS = Path(os.environ.get("CWA_ASSETS", ROOT.parent / "shared" / "assets"))
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
@@ -67,17 +69,13 @@ TINY = Shape("llama-tiny", hidden=32, intermediate=64, layers=1, heads=2, kv_hea
 SHAPES = {s.name: s for s in (LLAMA_300M, QUICK, TINY)}
 
 
-def build_model(shape: Shape, dtype: torch.dtype = torch.float32, seed: int = 0, device: str | None = None):
-    """Random weights of ``shape``, built directly in ``dtype`` (no full-precision detour)."""
+def build_model(shape: Shape):
+    """Random float32 weights of ``shape``, the same every time (seed 0, global RNG untouched)."""
     from transformers import AutoModelForCausalLM
 
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        if device is None:
-            model = AutoModelForCausalLM.from_config(shape.config(), dtype=dtype)
-        else:
-            with torch.device(device):
-                model = AutoModelForCausalLM.from_config(shape.config(), dtype=dtype)
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(shape.config(), dtype=torch.float32)
     return model.eval()
 
 

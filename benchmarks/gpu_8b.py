@@ -21,11 +21,9 @@ import gc
 import json
 import logging
 import math
-import os
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 
 import torch
 
@@ -40,7 +38,7 @@ from cwa_core.selection import tensor_offsets
 
 log = logging.getLogger(__name__)
 
-ASSETS = Path(os.environ.get("CWA_ASSETS", common.ROOT.parent / "shared" / "assets"))
+ASSETS = common.ASSETS
 MODELS = {"llama-3.1-8b": "llama-3.1-8b.json", "mistral-7b-v0.1": "mistral-7b-v0.1.json"}
 TIME_LIMIT_S = 8 * 60
 STAGES = ("build", "baseline_ppl", "score", "perturb_eval", "stability", "magnitude_global_top1000")
@@ -165,7 +163,7 @@ def run_model(name: str, plan: Plan, device: torch.device, dtype: torch.dtype, s
     with st("build"):
         model = build(cfg, device, dtype)
     refs = scored_params(model)
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = common.n_params(model)
     emb = model.get_input_embeddings().weight.numel()
     flops_per_token = 2 * (n_params - emb)  # every weight in a matmul; the embedding is a lookup
     data = random_data(cfg.vocab_size, plan)

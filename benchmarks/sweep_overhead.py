@@ -12,7 +12,6 @@ of one CPU each (one model load each), against the same plain loop.
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 import time
 from dataclasses import replace
@@ -20,9 +19,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import ROOT, parser, table, write_result
+from benchmarks.common import ASSETS, parser, table, write_result
 
-ASSETS = Path(os.environ.get("CWA_ASSETS", ROOT.parent / "shared" / "assets"))
 
 
 def sweep_dict(quick: bool, actors: int = 1) -> dict:

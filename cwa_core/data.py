@@ -110,10 +110,14 @@ class DataSplit:
         """(n_eval, eval_length): the held-out windows, independent of any seed."""
         return self.eval.windows(self.eval_length, self.eval_starts)
 
+    @property
+    def calib_pool(self) -> int:
+        """How many calibration windows fit outside the evaluation windows."""
+        return self.calib.n_windows(self.calib_length, self.calib_end)
+
     def calib_starts(self, n: int, seed: int) -> torch.Tensor:
         """Stream offsets of ``n`` calibration windows drawn without replacement with ``seed``."""
-        c = self.calib.content_len(self.calib_length)
-        pool = self.calib_end // c
+        pool = self.calib_pool
         if n > pool:
             raise ValueError(
                 f"asked for {n} calibration windows of {self.calib_length} tokens but the "
@@ -121,7 +125,7 @@ class DataSplit:
             )
         rng = np.random.default_rng(seed)
         picks = np.sort(rng.choice(pool, size=n, replace=False))
-        return torch.from_numpy(picks).long() * c
+        return torch.from_numpy(picks).long() * self.calib.content_len(self.calib_length)
 
     def calib_windows(self, n: int, seed: int) -> torch.Tensor:
         """(n, calib_length) calibration windows for ``seed``."""

@@ -154,7 +154,7 @@ def run_experiment(cfg: ExperimentConfig, model: nn.Module, tokenizer, *, progre
     t = time.perf_counter()
     data = load_split(cfg, tokenizer)
     if not METRICS.get(cfg.metric).data_independent:
-        pool = data.calib_end // data.calib.content_len(cfg.max_length)
+        pool = data.calib_pool
         if pool < cfg.max_samples:
             raise DataError(f"--max-samples {cfg.max_samples} windows of {cfg.max_length} tokens do not fit in the "
                             f"calibration text outside the evaluation windows ({pool} fit); lower --max-samples, "
@@ -194,6 +194,14 @@ def run_experiment(cfg: ExperimentConfig, model: nn.Module, tokenizer, *, progre
     if cfg.stability_check:
         stability = stability_report(seed_scores, k=cfg.topk, mode=cfg.mode, offsets=tensor_offsets(refs))
     return ExperimentResult(cfg, baseline, results, seed_scores, stability, data.describe(), tensor_table(refs), timings)
+
+
+def ratios_by_selection(rows: Sequence[dict]) -> dict[str, list[float]]:
+    """Perplexity ratios grouped by selection (top_k, random_k, bottom_k), in seed order."""
+    out: dict[str, list[float]] = {}
+    for r in rows:
+        out.setdefault(r["selection"], []).append(r["ppl_ratio"])
+    return out
 
 
 def tensor_table(refs: Sequence[ParamRef]) -> list[dict]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import shutil
 
 import psutil
 import pytest
@@ -110,8 +111,6 @@ def test_second_run_starts_no_task_and_logs_nothing(sweep_run, monkeypatch):
 
 def test_a_half_finished_sweep_resumes_only_what_is_missing(sweep_run, tmp_path):
     tmp, f, uri = sweep_run
-    import shutil
-
     out = tmp_path / "out"
     shutil.copytree(tmp / "out", out)
     m = json.loads((out / "sweep_manifest.json").read_text())
@@ -145,8 +144,6 @@ def test_local_ray_listens_on_loopback_only(ray_local):
 
 def _copy_store(tmp, dest):
     """The sweep's results and its MLflow store, as they were; the copy logs into ``dest``."""
-    import shutil
-
     shutil.copytree(tmp / "out", dest / "out")
     shutil.copy(tmp / "mlflow.db", dest / "mlflow.db")
     return f"sqlite:///{dest}/mlflow.db"
@@ -154,8 +151,6 @@ def _copy_store(tmp, dest):
 
 def test_a_driver_killed_while_logging_resumes_with_every_run_logged_once(sweep_run, tmp_path):
     """The worst moment to die: a cell's MLflow runs are written, the manifest is not."""
-    import shutil
-
     tmp, f, _ = sweep_run
     uri = _copy_store(tmp, tmp_path)
     c, _, before = mlflow_runs_by_kind(uri, "real260")

@@ -291,7 +291,8 @@ class SweepRunner:
             self.manifest.setdefault("actors", []).extend(
                 {"node": x.get("node"), "gpus": x.get("gpus"), "model": x["model"]["model_id"], "counts": x["counts"],
                  "load_seconds": x["load_seconds"]} for x in infos)
-            self.manifest["scoring_passes_by_key"] = sorted({f"{dict(k[1])['metric']}/seed{k[2][1]}" for k in scores})
+            self.manifest["scoring_passes_by_key"] = sorted({f"{plan.scores[k].config.metric}/seed{plan.scores[k].seed}"
+                                                             for k in scores})
 
     def _finish_cell(self, cell: Cell, baseline: dict, scored: list[dict], rows: list[dict], tracker) -> None:
         cfg = cell.config

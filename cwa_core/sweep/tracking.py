@@ -17,6 +17,8 @@ import logging
 import time
 from pathlib import Path
 
+from ..experiment import ratios_by_selection
+
 log = logging.getLogger(__name__)
 
 TAG_CELL = "cwa.cell_id"
@@ -112,9 +114,7 @@ class Tracker:
         cfg = cell.config
         name = f"{Path(str(cell.settings['model'])).name}/{cfg.metric}/{cfg.mode}/K{cfg.topk}/{cfg.perturb}"
         run_id = self._run(name, parent, {TAG_CELL: cell.id, TAG_KIND: "cell"})
-        means: dict[str, list[float]] = {}
-        for r in result["results"]:
-            means.setdefault(r["selection"], []).append(r["ppl_ratio"])
+        means = ratios_by_selection(result["results"])
         self._log(run_id, params={**_flat(cell.settings), "cell_id": cell.id, "perturbation": cfg.perturb},
                   metrics={"baseline_ppl": result["baseline"]["ppl"],
                            **{f"{k}_ppl_ratio_mean": sum(v) / len(v) for k, v in means.items()}})
