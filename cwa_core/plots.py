@@ -483,7 +483,9 @@ def plot_perturbation_effects(results: Mapping[str, Any], path: str | Path) -> P
         colors = [_SELECTION_COLORS.get(s, _OKABE_ITO["purple"]) for s in order]
         ax.bar(x, means_a, width=0.6, color=colors, alpha=0.75, edgecolor="black",
                linewidth=0.8, zorder=2)
-        ax.errorbar(x, means_a, yerr=[means_a - los_a, his_a - means_a], fmt="none",
+        # the mean of equal floats can land one ulp outside [min, max]: clamp, never negative
+        yerr = np.clip(np.stack([means_a - los_a, his_a - means_a]), 0.0, None)
+        ax.errorbar(x, means_a, yerr=yerr, fmt="none",
                     ecolor="black", elinewidth=1.3, capsize=6, zorder=3)
         for xi, s in zip(x, order):
             vals = np.array([v for _, v in groups[s]])

@@ -246,3 +246,15 @@ def test_empty_inputs_raise(tmp_path: Path) -> None:
         with pytest.raises(ValueError):
             case()
     assert not p.exists()
+
+
+def test_equal_seeds_whose_mean_lands_one_ulp_above_their_max(tmp_path: Path) -> None:
+    """The fresh-machine crash of `make smoke`: a seed-independent metric gives the same
+    perplexity for every seed, and the mean of three copies of this float exceeds their max."""
+    x = 1.9127555772777218
+    assert np.mean([x, x, x]) > x  # the degenerate case itself, not a lucky model
+    pert = make_perturbation()
+    for r in pert["results"]:
+        if r["selection"] == "random_k":
+            r["ppl_ratio"] = x
+    assert_real_png(plots.plot_perturbation_effects(pert, tmp_path / "equal.png"))
