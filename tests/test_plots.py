@@ -2,13 +2,20 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import matplotlib.image as mpimg
 import numpy as np
 import pytest
+from matplotlib.text import Text
 
 from cwa_core import plots
+from cwa_core.architectures import scored_params
+from cwa_core.experiment import score_seed
+from cwa_core.metrics import ScoreOptions
+from cwa_core.outputs import stats_report, weighted_samples
+from tiny_models import tiny_model
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 N_LAYERS = 5
@@ -126,6 +133,24 @@ def assert_real_png(path: Path, min_px: int = 300) -> np.ndarray:
     return img
 
 
+def capture_figures(monkeypatch: pytest.MonkeyPatch) -> list:
+    """Every figure the plot functions save, in order (closed, but still inspectable)."""
+    figs: list = []
+    real = plots._save
+
+    def spy(fig, path):
+        figs.append(fig)
+        return real(fig, path)
+
+    monkeypatch.setattr(plots, "_save", spy)
+    return figs
+
+
+def figure_texts(fig) -> str:
+    """Every text drawn on a figure (titles, labels, ticks, legend, annotations), one per line."""
+    return "\n".join(t.get_text() for t in fig.findobj(Text) if t.get_text())
+
+
 # ----------------------------------------------------------------------------- tests
 
 
@@ -166,9 +191,21 @@ def test_plots_handle_partial_and_edge_inputs(tmp_path: Path) -> None:
     assert_real_png(plots.plot_sensitivity_heatmap(many, METRIC, tmp_path / "h.png"))
 
 
-def test_save_experiment_plots_names(tmp_path: Path) -> None:
-    kw = dict(samples=make_samples(), stats=make_stats(), perturbation=make_perturbation())
-    paths = plots.save_experiment_plots(tmp_path, stability=make_stability(), **kw)
+def _experiment_kw(seeds=(0, 1, 2)) -> dict:
+    return dict(samples_per_seed=[make_samples(s) for s in seeds],
+                stats_per_seed=[make_stats(s) for s in seeds], seeds=list(seeds),
+                perturbation=make_perturbation(seeds=seeds))
+
+
+def test_save_experiment_plots_names_and_seeds(tmp_path: Path, monkeypatch) -> None:
+    figs = capture_figures(monkeypatch)
+    paths, failed = plots.save_experiment_plots(tmp_path, stability=make_stability(), **_experiment_kw())
+    assert failed == {} and len(figs) == 5
+    for fig in figs:  # every figure says which seeds it shows
+        assert "3 seeds: 0, 1, 2" in figure_texts(fig)
+    assert "pooled with equal weight per seed" in figure_texts(figs[0])
+    assert "min-max over seeds" in figure_texts(figs[1])
+    assert "mean over seeds" in figure_texts(figs[2])
     assert [p.name for p in paths] == [
         "sensitivity_distribution.png", "layer_comparison.png", "sensitivity_heatmap.png",
         "perturbation_effects.png", "stability_analysis.png"]
@@ -177,7 +214,8 @@ def test_save_experiment_plots_names(tmp_path: Path) -> None:
         assert_real_png(p)
 
     other = tmp_path / "no_stab"
-    paths = plots.save_experiment_plots(other, **kw)
+    paths, failed = plots.save_experiment_plots(other, **_experiment_kw(seeds=(5,)))
+    assert failed == {}
     assert [p.name for p in paths] == [
         "sensitivity_distribution.png", "layer_comparison.png", "sensitivity_heatmap.png",
         "perturbation_effects.png"]
@@ -233,8 +271,9 @@ def test_empty_inputs_raise(tmp_path: Path) -> None:
     cases = [
         lambda: plots.plot_sensitivity_distribution({}, METRIC, p),
         lambda: plots.plot_sensitivity_distribution({"mlp": np.array([])}, METRIC, p),
-        lambda: plots.plot_sensitivity_distribution({"mlp": np.zeros(10)}, METRIC, p),
+        lambda: plots.plot_sensitivity_distribution([{}, {"mlp": np.array([])}], METRIC, p),
         lambda: plots.plot_layer_comparison([], METRIC, p),
+        lambda: plots.plot_layer_comparison([[], []], METRIC, p),
         lambda: plots.plot_sensitivity_heatmap([], METRIC, p),
         lambda: plots.heatmap_matrix([]),
         lambda: plots.plot_perturbation_effects({}, p),
@@ -258,3 +297,81 @@ def test_equal_seeds_whose_mean_lands_one_ulp_above_their_max(tmp_path: Path) ->
         if r["selection"] == "random_k":
             r["ppl_ratio"] = x
     assert_real_png(plots.plot_perturbation_effects(pert, tmp_path / "equal.png"))
+
+
+# ----------------------------------------------------------------------------- every seed drawn
+
+
+def test_layer_comparison_draws_the_mean_over_seeds_and_their_range(tmp_path, monkeypatch) -> None:
+    figs = capture_figures(monkeypatch)
+    per_seed = [make_stats(s)["per_layer"] for s in (0, 1, 2)]
+    plots.plot_layer_comparison(per_seed, METRIC, tmp_path / "l.png", seeds=[0, 1, 2])
+    ax = figs[0].axes[0]
+    decoder_lines = {ln.get_label(): ln for ln in ax.get_lines() if ln.get_label() in ("max", "mean")}
+    by_layer = [{r["layer"]: r for r in rows} for rows in per_seed]
+    for key in ("max", "mean"):
+        want = [np.mean([b[layer][key] for b in by_layer]) for layer in range(N_LAYERS)]
+        np.testing.assert_allclose(decoder_lines[key].get_ydata(), want, rtol=1e-12)
+    # one band per series over the decoder layers, spanning the seeds' min..max of the max
+    bands = [c for c in ax.collections if "Poly" in type(c).__name__]  # fill_between
+    assert len(bands) == 3
+    verts = bands[0].get_paths()[0].vertices  # the "max" band
+    lo = min(b[HOT_LAYER]["max"] for b in by_layer)
+    hi = max(b[HOT_LAYER]["max"] for b in by_layer)
+    ys = verts[np.isclose(verts[:, 0], HOT_LAYER), 1]
+    assert ys.min() == pytest.approx(lo, rel=1e-12) and ys.max() == pytest.approx(hi, rel=1e-12)
+    # one seed: no band
+    figs.clear()
+    plots.plot_layer_comparison(per_seed[0], METRIC, tmp_path / "one.png", seeds=[0])
+    assert not [c for c in figs[0].axes[0].collections if "Poly" in type(c).__name__]
+
+
+def test_heatmap_draws_the_mean_of_the_seeds_matrices(tmp_path, monkeypatch) -> None:
+    figs = capture_figures(monkeypatch)
+    per_seed = [make_stats(s)["per_tensor"] for s in (0, 1, 2)]
+    plots.plot_sensitivity_heatmap(per_seed, METRIC, tmp_path / "h.png", seeds=[0, 1, 2])
+    drawn = figs[0].axes[0].images[0].get_array()
+    want = np.mean([plots.heatmap_matrix(rows)[2] for rows in per_seed], axis=0)
+    np.testing.assert_allclose(np.ma.filled(drawn, np.nan), want, rtol=1e-12, equal_nan=True)
+
+
+def test_distribution_pools_seeds_with_equal_weight(tmp_path, monkeypatch) -> None:
+    """Seed 0 has 1000 scores at 1e-3, seed 1 ten scores at 1e-1: pooled, each holds half."""
+    figs = capture_figures(monkeypatch)
+    runs = [{"mlp": np.full(1000, 1e-3)}, {"mlp": np.full(10, 1e-1)}]
+    plots.plot_sensitivity_distribution(runs, METRIC, tmp_path / "d.png", seeds=[3, 4])
+    ax = figs[0].axes[0]
+    assert ax.get_xscale() == "log"
+    steps = [p for p in ax.patches if type(p).__name__ == "StepPatch"]
+    density, edges = steps[0].get_data()[:2]
+    mass = density * np.diff(np.log10(edges))  # density is per unit log10 score
+    assert mass.sum() == pytest.approx(1.0, rel=1e-12)
+    assert sorted(mass[mass > 0]) == pytest.approx([0.5, 0.5], rel=1e-12)
+    # the pooled 99th percentile: the top 1% of the weight lies at 1e-1
+    p99 = [ln.get_xdata()[0] for ln in ax.get_lines() if ln.get_linestyle() == "--"]
+    assert p99 == [pytest.approx(1e-1)]
+    assert "2 seeds: 3, 4" in figure_texts(figs[0])
+
+
+def test_the_write_experiment_call_on_real_scores_of_two_seeds(tmp_path, monkeypatch) -> None:
+    """The call outputs.write_experiment makes, on SeedScores of a tiny Llama. Magnitude does not
+    depend on the seed: exact statistics (per-tensor means, per-layer mean and max) agree to the
+    bit and the figures draw them so; per-layer percentiles come from each seed's own sample."""
+    model = tiny_model("llama")
+    refs = scored_params(model)
+    seed_scores = [score_seed(model, refs, None, metric="magnitude", seed=s, k=20, modes=("global",),
+                              max_samples=1, opts=ScoreOptions(), stability_sample=100) for s in (0, 1)]
+    figs = capture_figures(monkeypatch)
+    paths, failed = plots.save_experiment_plots(
+        tmp_path, samples_per_seed=[weighted_samples(ss) for ss in seed_scores],
+        stats_per_seed=[stats_report(ss) for ss in seed_scores], seeds=[ss.seed for ss in seed_scores],
+        perturbation=make_perturbation(seeds=(0, 1)), metric="magnitude")
+    assert failed == {} and len(paths) == 4
+    assert "2 seeds: 0, 1" in figure_texts(figs[0]) and "2 seeds: 0, 1" in figure_texts(figs[1])
+    assert "2 seeds: 0, 1, mean over seeds; seeds identical" in figure_texts(figs[2])
+    lines = {ln.get_label(): ln.get_ydata() for ln in figs[1].axes[0].get_lines()}
+    seed0 = [r for r in stats_report(seed_scores[0])["per_layer"] if r["layer"] != -1]
+    for key in ("mean", "max"):  # equal seeds: drawn at exactly their value
+        assert lines[key].tolist() == [r[key] for r in seed0]
+    # a fresh Llama's norm weights are all 1.0: magnitude ties, drawn as one value
+    assert re.search(r"norm \(n=[\d,]+, all equal 1\)", figure_texts(figs[0]))
