@@ -88,7 +88,9 @@ def topk_stable(flat: torch.Tensor, k: int, largest: bool = True) -> tuple[torch
     ties straddle the cut; only then are the tied indices enumerated (one more pass).
     """
     n = flat.numel()
-    if k == 0 or k >= n:
+    if not 0 <= k <= n:
+        raise ValueError(f"topk_stable: k={k} is outside 0..{n} (the number of scores)")
+    if k == 0 or k == n:
         v, i = torch.topk(flat, k, largest=largest, sorted=True)
         return (v, i) if k == 0 else _sorted_stable(v, i, largest)
     v, i = torch.topk(flat, k + 1, largest=largest, sorted=True)
@@ -129,25 +131,30 @@ def _unique_in_order(draws: np.ndarray) -> np.ndarray:
     return draws[np.sort(first)]
 
 
-DENSE_LIMIT = 1 << 22  # up to here a permutation is cheap (32 MB of int64)
+# Up to here a whole permutation is cheap (512 KiB of int64, cache-resident: about a
+# millisecond). Beyond it, permuting costs about 125 ns a weight (0.5 s for 4M weights, 25 s
+# for a 300M model's tensors, every seed), so larger ranges draw candidates instead.
+DENSE_LIMIT = 1 << 16
 
 
 def sample_without_replacement(n: int, k: int, rng: np.random.Generator) -> np.ndarray:
     """``k`` distinct uniform draws from ``range(n)`` in random order, in O(k) memory.
 
     The draws do not depend on ``k`` (same rng state, same stream of candidates), so the
-    first ``k`` of a larger draw are exactly a smaller draw: sweeps take prefixes.
+    first ``k`` of a larger draw are exactly a smaller draw: sweeps take prefixes. The result
+    owns its memory: a slice of the permutation would keep all of it alive (per-layer random-K
+    over a model's tensors used to hold one full int64 permutation per tensor at once).
     """
     if k > n:
         raise ValueError(f"cannot draw {k} distinct items from {n}")
     if n <= DENSE_LIMIT:
-        return rng.permutation(n)[:k]
+        return rng.permutation(n)[:k].copy()
     out = np.empty(0, dtype=np.int64)
     block = 4096
     while len(out) < k:
         out = _unique_in_order(np.concatenate([out, rng.integers(0, n, size=block, dtype=np.int64)]))
         block = min(block * 2, 1 << 20)
-    return out[:k]
+    return out[:k].copy()
 
 
 def random_selection(refs: Sequence[ParamRef], k: int, mode: str, seed: int) -> Selection:
@@ -190,7 +197,10 @@ class TensorStats:
 
 
 def _kth(x: torch.Tensor, q: float) -> torch.Tensor:
-    """Exact order statistic at quantile ``q`` (nearest rank); no size limit unlike quantile()."""
+    """Exact order statistic at quantile ``q`` (nearest rank); no size limit unlike quantile().
+    NaN ranks above +inf (torch's order); :func:`tensor_stats` never asks with NaN present."""
+    if x.numel() == 0:
+        raise ValueError("_kth: no scores to take a quantile of")
     return torch.kthvalue(x, _rank(x.numel(), q)).values
 
 
@@ -198,6 +208,8 @@ def _quantiles(flat: torch.Tensor, qs: Sequence[float], *, by_sort: bool | None 
     """Exact nearest-rank order statistics of a 1-D tensor. On the CPU by ``kthvalue``; on an
     accelerator by one device-wide sort (CUDA's kthvalue gives each slice one thread block, so
     a single slice of tens of millions of scores would crawl)."""
+    if flat.numel() == 0:
+        raise ValueError("_quantiles: no scores to take quantiles of")
     if by_sort is None:
         by_sort = flat.device.type != "cpu"
     if not by_sort:
@@ -207,13 +219,28 @@ def _quantiles(flat: torch.Tensor, qs: Sequence[float], *, by_sort: bool | None 
 
 
 def tensor_stats(ref: ParamRef, s: torch.Tensor) -> TensorStats:
+    """Exact count, mean, std (n - 1), min, max and nearest-rank p50/p95/p99 of ``s`` (any shape).
+
+    Degenerate scores, decided: one entry has std 0.0; any NaN makes every statistic except
+    ``count`` NaN (an order statistic with NaN ranked somewhere would be silently wrong); +-inf
+    are ordinary extreme values for min, max and the percentiles, the mean is what the sum gives
+    (inf, or NaN for +inf with -inf) and std is NaN (undefined); no entries: count 0, NaN elsewhere.
+    """
     flat = s.reshape(-1)
+    n = flat.numel()
+    if n == 0:
+        return TensorStats(ref.name, ref.layer, ref.param_type, ref.shape, 0, *[math.nan] * 7)
     mean = flat.mean(dtype=torch.float64)
-    std = flat.double().std() if flat.numel() > 1 else torch.zeros((), dtype=torch.float64)
+    std = flat.double().std() if n > 1 else torch.zeros((), dtype=torch.float64)
     vals = torch.stack([mean, std, flat.min().double(), flat.max().double(),
-                        *(v.double() for v in _quantiles(flat, (0.50, 0.95, 0.99)))])
-    m, sd, lo, hi, p50, p95, p99 = vals.tolist()  # one host sync per tensor
-    return TensorStats(ref.name, ref.layer, ref.param_type, ref.shape, flat.numel(), m, sd, lo, hi, p50, p95, p99)
+                        *(v.double() for v in _quantiles(flat, (0.50, 0.95, 0.99))),
+                        flat.isnan().any().double(), flat.isfinite().all().double()])
+    m, sd, lo, hi, p50, p95, p99, has_nan, finite = vals.tolist()  # one host sync per tensor
+    if has_nan:
+        m = sd = lo = hi = p50 = p95 = p99 = math.nan
+    elif not finite:
+        sd = math.nan  # inf - inf: the spread of a sample with an infinite value is undefined
+    return TensorStats(ref.name, ref.layer, ref.param_type, ref.shape, n, m, sd, lo, hi, p50, p95, p99)
 
 
 # --------------------------------------------------------------------------- CPU fast path
@@ -262,7 +289,8 @@ def _stable_cut(a: np.ndarray, thr, k: int, largest: bool) -> tuple[torch.Tensor
 
 
 def _std64(a: np.ndarray, mean: float) -> float:
-    """Sample standard deviation (n - 1) in float64, two-pass, in chunks (no float64 copy)."""
+    """Sample standard deviation (n - 1) in float64, two-pass, in chunks (no float64 copy);
+    0.0 for fewer than two values (as :func:`tensor_stats`)."""
     if a.size < 2:
         return 0.0
     ss = 0.0
@@ -278,7 +306,11 @@ def _rank(n: int, q: float) -> int:
 
 
 def _reduce_cpu(ref: ParamRef, flat: torch.Tensor, k: int):
-    """(top (v, i), bottom (v, i), TensorStats) of a finite float32 CPU tensor; None otherwise."""
+    """(top (v, i), bottom (v, i), TensorStats) of a finite float32 CPU tensor; None otherwise
+    (another device or dtype, no entries, k = 0, a NaN or inf: :func:`topk_stable` and
+    :func:`tensor_stats` define those). ``k`` may equal the size (every entry, sorted)."""
+    if not 0 <= k <= flat.numel():
+        raise ValueError(f"_reduce_cpu: k={k} is outside 0..{flat.numel()} (the number of scores)")
     if flat.device.type != "cpu" or flat.dtype != torch.float32 or flat.numel() == 0 or k == 0:
         return None
     a = flat.contiguous().numpy()
