@@ -270,6 +270,14 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def run_main(doc: str, run, argv=None, parse: argparse.ArgumentParser | None = None) -> dict:
+    """A benchmark's ``main``: its flags (``parse``, default the common ones with the module
+    docstring's first line), then ``run(args)`` with the right number of threads."""
+    args = (parse or parser(doc.splitlines()[0])).parse_args(argv)
+    with threads_for(args.quick):
+        return run(args)
+
+
 @contextmanager
 def threads_for(small: bool):
     """One intra-op thread for tiny models: on a busy machine every parallel region of a tiny op

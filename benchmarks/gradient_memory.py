@@ -78,9 +78,7 @@ def main(argv=None) -> dict:
     p = common.parser(__doc__.splitlines()[0])
     p.add_argument("--windows", type=int, default=4, help="calibration windows (default 4)")
     p.add_argument("--length", type=int, default=128, help="tokens per calibration window (default 128)")
-    args = p.parse_args(argv)
-    with common.threads_for(args.quick):
-        return _run(args)
+    return common.run_main(__doc__, _run, argv, p)
 
 
 def _run(args) -> dict:

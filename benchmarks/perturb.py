@@ -20,7 +20,7 @@ from cwa_core.perturb import PERTURBATIONS, PerturbSpec, perturbed
 from cwa_core.selection import random_selection
 
 K = 1000
-SPEC = PerturbSpec("sign_flip")
+SPEC = PerturbSpec("sign_flip").resolved()  # scale 1.0: the plain flip
 VARIANTS = ("ours", "full_copy")
 
 
@@ -56,9 +56,7 @@ def run_variant(variant: str, shape: common.Shape, s: dict, meter: common.PeakMe
 
 
 def main(argv=None) -> dict:
-    args = common.parser(__doc__.splitlines()[0]).parse_args(argv)
-    with common.threads_for(args.quick):
-        return _run(args)
+    return common.run_main(__doc__, _run, argv)
 
 
 def _run(args) -> dict:

@@ -45,9 +45,7 @@ def run_variant(variant: str, shape: common.Shape, s: dict, meter: common.PeakMe
 
 
 def main(argv=None) -> dict:
-    args = common.parser(__doc__.splitlines()[0]).parse_args(argv)
-    with common.threads_for(args.quick):
-        return _run(args)
+    return common.run_main(__doc__, _run, argv)
 
 
 def _run(args) -> dict:

@@ -6,9 +6,10 @@ attribute path. An unknown ``config.model_type`` fails loudly with the list of k
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Iterable
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 PARAM_TYPES = ("attention", "mlp", "norm", "embedding", "lm_head")
@@ -28,6 +29,13 @@ class ArchSpec:
     embeddings: tuple[str, ...]  # token (and position) embeddings
     lm_head: tuple[str, ...]  # output projection (skipped when tied to the embeddings)
     final_norm: tuple[str, ...] = ()
+    position_embeddings: tuple[str, ...] = ()  # those of ``embeddings`` whose rows are positions
+    # mixture of experts, inside a block: the router (a linear map kept in a plain Parameter,
+    # not an nn.Linear) and the fused experts module (3-D parameters, one matrix per expert)
+    router: str | None = None
+    experts: str | None = None
+    # norms compute x_hat * (norm_offset + w): the stored w is an offset from the gain (Gemma: 1)
+    norm_offset: float = 0.0
 
 
 _LLAMA_LIKE = ArchSpec(
@@ -43,7 +51,9 @@ _LLAMA_LIKE = ArchSpec(
 # Mixtral's experts are fused 3-D parameters in transformers 5 (mlp.experts.gate_up_proj
 # (E, 2I, H), mlp.experts.down_proj (E, H, I)); transformers 4 had block_sparse_moe.experts.N.w2.
 # Either way there is no one down projection module per block.
-_MIXTRAL = replace(_LLAMA_LIKE, down_proj=None)
+_MIXTRAL = replace(_LLAMA_LIKE, down_proj=None, router="mlp.gate", experts="mlp.experts")
+# Gemma's RMSNorm multiplies by (1 + w) (weights initialised at 0)
+_GEMMA = replace(_LLAMA_LIKE, norm_offset=1.0)
 
 ARCHITECTURES: dict[str, ArchSpec] = {
     "llama": _LLAMA_LIKE,
@@ -51,8 +61,8 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "mixtral": _MIXTRAL,
     "qwen2": _LLAMA_LIKE,
     "qwen3": _LLAMA_LIKE,
-    "gemma": _LLAMA_LIKE,
-    "gemma2": _LLAMA_LIKE,
+    "gemma": _GEMMA,
+    "gemma2": _GEMMA,
     "olmo": _LLAMA_LIKE,
     "phi3": _LLAMA_LIKE,  # fused qkv_proj and gate_up_proj, same places
     "gpt2": ArchSpec(
@@ -63,6 +73,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         embeddings=("transformer.wte", "transformer.wpe"),
         lm_head=("lm_head",),
         final_norm=("transformer.ln_f",),
+        position_embeddings=("transformer.wpe",),
     ),
     "gpt_neox": ArchSpec(
         layers="gpt_neox.layers",
@@ -91,6 +102,19 @@ class ParamRef:
     module: nn.Module  # the module that owns the parameter
     leaf: str  # "weight" or "bias"
     in_dim: int | None  # axis of input channels for linear-like weights, else None
+    # how the stored tensor maps inputs to outputs (a key of LAYOUTS); None: inferred from
+    # in_dim and the shape (hand-built refs)
+    layout: str | None = None
+    # the effective value is offset + w (Gemma's norm gains: 1 + w); metrics score it and
+    # arithmetic perturbations act on it
+    offset: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.layout is None:
+            inferred = "vector" if self.param.dim() == 1 else {1: "linear", 0: "conv1d"}.get(self.in_dim)
+            if inferred is None:
+                raise ValueError(f"{self.name}: give a layout; allowed: {', '.join(LAYOUTS)}")
+            object.__setattr__(self, "layout", inferred)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -135,14 +159,105 @@ def down_projections(model: nn.Module) -> list[tuple[int, nn.Module]]:
     return [(i, block.get_submodule(spec.down_proj)) for i, block in enumerate(decoder_layers(model))]
 
 
-def _in_dim(module: nn.Module, leaf: str, param: torch.Tensor) -> int | None:
-    if leaf != "weight" or param.dim() != 2:
-        return None
-    if isinstance(module, nn.Linear):
-        return 1  # weight (out, in)
-    if type(module).__name__ == "Conv1D":  # GPT-2: weight (in, out), y = x @ W
-        return 0
+# --------------------------------------------------------------------------- layouts
+# How a stored tensor maps inputs to outputs, and so how a flat index becomes the coordinates
+# top_weights.csv reports: (expert, row, col) in the nn.Linear convention (row = output channel,
+# col = input channel), expert None outside mixtures of experts, col None for vectors.
+
+Coords = tuple["torch.Tensor | None", torch.Tensor, "torch.Tensor | None"]
+
+
+def _rows_cols(shape: Sequence[int], idx: torch.Tensor) -> Coords:
+    return None, idx // shape[1], idx % shape[1]
+
+
+def _cols_rows(shape: Sequence[int], idx: torch.Tensor) -> Coords:
+    return None, idx % shape[1], idx // shape[1]  # stored (in, out)
+
+
+def _experts_out_in(shape: Sequence[int], idx: torch.Tensor) -> Coords:
+    per = shape[1] * shape[2]
+    return idx // per, (idx % per) // shape[2], idx % shape[2]
+
+
+def _experts_in_out(shape: Sequence[int], idx: torch.Tensor) -> Coords:
+    per = shape[1] * shape[2]
+    return idx // per, idx % shape[2], (idx % per) // shape[2]
+
+
+def _vector(shape: Sequence[int], idx: torch.Tensor) -> Coords:
+    return None, idx, None
+
+
+LAYOUTS: dict[str, Callable[[Sequence[int], torch.Tensor], Coords]] = {
+    "linear": _rows_cols,  # (out, in): nn.Linear, and linear maps kept in plain Parameters (routers)
+    "conv1d": _cols_rows,  # (in, out): GPT-2's Conv1D, y = x @ W + b
+    "experts": _experts_out_in,  # (E, out, in): fused experts, F.linear(x, W[e])
+    "experts_transposed": _experts_in_out,  # (E, in, out): x @ W[e]
+    "embedding": _rows_cols,  # (V, H): row = token id (= the tied lm_head's output), col = channel
+    "position_embedding": _rows_cols,  # (P, H): row = position, col = channel
+    "vector": _vector,  # norm gains, biases: row = index
+}
+_IN_DIM = {"linear": 1, "conv1d": 0}
+
+
+def coordinates(layout: str, shape: Sequence[int], flat_idx: torch.Tensor) -> Coords:
+    """(expert, row, col) of flat indices (n,) into a tensor of ``shape`` stored as ``layout``,
+    in the nn.Linear convention (row = output, col = input); None where a coordinate does not
+    apply (expert outside mixtures of experts, col for vectors)."""
+    try:
+        fn = LAYOUTS[layout]
+    except KeyError:
+        raise ValueError(f"unknown layout {layout!r}; allowed: {', '.join(LAYOUTS)}") from None
+    return fn(shape, flat_idx)
+
+
+def _layout(spec: ArchSpec, model: nn.Module, name: str, inner_module: str | None, mod_name: str,
+            module: nn.Module, param: torch.Tensor) -> str:
+    """The layout of one parameter; a matrix the table cannot place raises."""
+    if param.dim() == 1:
+        return "vector"
+    if mod_name in spec.embeddings and param.dim() == 2:
+        return "position_embedding" if mod_name in spec.position_embeddings else "embedding"
+    if param.dim() == 2 and (isinstance(module, nn.Linear) or (inner_module is not None and inner_module == spec.router)):
+        return "linear"
+    if param.dim() == 2 and type(module).__name__ == "Conv1D":
+        return "conv1d"
+    if param.dim() == 3 and inner_module is not None and inner_module == spec.experts:
+        return "experts_transposed" if getattr(module, "is_transposed", False) else "experts"
+    raise UnsupportedArchitectureError(
+        f"cannot tell how {name} {tuple(param.shape)} of model_type {_model_type(model)!r} maps inputs "
+        "to outputs; extend cwa_core.architectures.ARCHITECTURES"
+    )
+
+
+# --------------------------------------------------------------------------- fused experts
+
+def experts_unsupported(experts: nn.Module) -> str | None:
+    """Why :func:`expert_inputs` cannot recompute what a fused experts module's matrices see,
+    or None when it can (transformers 5's gated, bias-free, (E, out, in) experts: Mixtral)."""
+    if getattr(experts, "is_transposed", False):
+        return "its experts are stored (E, in, out)"
+    if getattr(experts, "has_bias", False) or not getattr(experts, "has_gate", True):
+        return "its experts have biases or no gate"
+    if not all(hasattr(experts, a) for a in ("gate_up_proj", "down_proj", "_apply_gate", "num_experts")):
+        return f"{type(experts).__name__} is not a fused gate_up/down experts module"
     return None
+
+
+def expert_inputs(experts: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor
+                  ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """(expert e, x_e (T_e, H), h_e (T_e, I)) for every expert that received tokens: the rows of
+    ``hidden`` (T, H) routed to it (``top_k_index`` (T, k)) and what its down projection
+    multiplies, recomputed as the module does: h_e = _apply_gate(x_e @ gate_up_proj[e].T)
+    (act(gate) * up). Indices beyond the experts (expert-parallel sentinels) are skipped."""
+    with torch.no_grad():
+        for e in range(experts.num_experts):
+            routed = (top_k_index == e).any(-1)  # (T,)
+            if not bool(routed.any()):
+                continue
+            x = hidden[routed]
+            yield e, x, experts._apply_gate(F.linear(x, experts.gate_up_proj[e]))
 
 
 def scored_params(
@@ -165,9 +280,11 @@ def scored_params(
     for name, param in model.named_parameters():  # tied tensors appear once
         mod_name, _, leaf = name.rpartition(".")
         layer = -1
+        inner_module = None  # the owning module's path inside its block
         if name.startswith(prefix):
             idx, _, inner = name[len(prefix):].partition(".")
             layer = int(idx)
+            inner_module = inner.rpartition(".")[0]
             leafname = inner.rpartition(".")[0].rpartition(".")[2]
             if inner.startswith(spec.attention) and "norm" not in leafname:
                 ptype = "attention"
@@ -191,7 +308,10 @@ def scored_params(
         if ptype not in wanted:
             continue
         module = modules[mod_name]
-        refs.append(ParamRef(name, layer, ptype, param, module, leaf, _in_dim(module, leaf, param)))
+        layout = _layout(spec, model, name, inner_module, mod_name, module, param)
+        offset = spec.norm_offset if ptype == "norm" and leaf == "weight" else 0.0
+        refs.append(ParamRef(name, layer, ptype, param, module, leaf,
+                             _IN_DIM.get(layout) if leaf == "weight" else None, layout, offset))
     if not refs:
         raise UnsupportedArchitectureError(f"no parameters of types {wanted} found in the model")
     return refs

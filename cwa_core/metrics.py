@@ -1,7 +1,11 @@
 """Sensitivity metrics: one score per weight, streamed to a sink one tensor at a time.
 
 Every metric calls ``sink(ref, scores)`` exactly once per :class:`ParamRef`, with ``scores`` a
-float32 tensor of the parameter's shape (on the parameter's device). Gradient metrics score a
+float32 tensor of the parameter's shape (on the parameter's device). A metric that cannot score
+a tensor raises :class:`UnsupportedTensorError` before any work (never a silent stand-in). Where
+a tensor's effective value is an offset from what is stored (Gemma's norm gains, 1 + w), the
+metrics score the effective value: |1 + w|, |(1 + w) g| (dL/dgain = dL/dw, so the gradient and
+Hessian metrics are unchanged). Gradient metrics score a
 tensor inside its post-accumulate-grad hook and free the gradient at once, so no full set of
 gradients (or scores) exists at any time. While they run, each decoder block is checkpointed
 (its activations recomputed during the backward pass), so a calibration batch costs the
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -20,7 +25,14 @@ import torch.utils.checkpoint
 from torch import nn
 from tqdm.auto import tqdm
 
-from .architectures import ParamRef, UnsupportedArchitectureError, decoder_layers
+from .architectures import (
+    PARAM_TYPES,
+    ParamRef,
+    UnsupportedArchitectureError,
+    decoder_layers,
+    expert_inputs,
+    experts_unsupported,
+)
 from .evaluate import logits_of, model_device, nll_sum
 from .registry import Registry
 
@@ -41,6 +53,16 @@ class ScoreOptions:
     checkpoint: bool = True
 
 
+class UnsupportedTensorError(ValueError):
+    """A metric cannot score one of the requested tensors; the message (one line) names the
+    tensor, why, and the metrics and parameter types that would work. A usage error: the
+    command exits with status 2."""
+
+
+def _scores_anything(ref: ParamRef) -> str | None:
+    return None
+
+
 @dataclass(frozen=True)
 class Metric:
     name: str
@@ -48,22 +70,46 @@ class Metric:
     needs_grad: bool
     data_independent: bool
     description: str
+    # why the metric cannot score a tensor, or None when it can
+    unsupported: Callable[[ParamRef], str | None] = _scores_anything
 
 
 METRICS: Registry[Metric] = Registry("metric")
 
 
-def metric(name: str, *, needs_grad: bool = False, data_independent: bool = False, description: str = ""):
+def metric(name: str, *, needs_grad: bool = False, data_independent: bool = False, description: str = "",
+           unsupported: Callable[[ParamRef], str | None] = _scores_anything):
     def deco(fn):
-        METRICS.add(name, Metric(name, fn, needs_grad, data_independent, description))
+        METRICS.add(name, Metric(name, fn, needs_grad, data_independent, description, unsupported))
         return fn
     return deco
+
+
+def check_supported(name: str, refs: Sequence[ParamRef], model_type: str | None = None) -> None:
+    """Raise :class:`UnsupportedTensorError` if metric ``name`` cannot score one of ``refs``
+    (cheap, no forward pass: callable before any work)."""
+    m = METRICS.get(name)
+    for r in refs:
+        why = m.unsupported(r)
+        if why is None:
+            continue
+        others = [n for n in METRICS.names() if n != name and METRICS.get(n).unsupported(r) is None]
+        types = [t for t in PARAM_TYPES if t != r.param_type and any(x.param_type == t for x in refs)]
+        fixes = []
+        if others:
+            fixes.append("use " + (f"{', '.join(others[:-1])} or {others[-1]}" if len(others) > 1 else others[0]))
+        if types:
+            fixes.append(f"--param-types {','.join(types)}")
+        where = f" of {model_type}" if model_type else ""
+        fix = f"; {', or '.join(fixes)}" if fixes else ""
+        raise UnsupportedTensorError(f"{name} cannot score {r.name}{where}: {why}{fix}")
 
 
 def score(model: nn.Module, refs: Sequence[ParamRef], name: str, calib: torch.Tensor | None,
           sink: Sink, opts: ScoreOptions = ScoreOptions()) -> Metric:
     """Score every tensor in ``refs`` with metric ``name`` on calibration windows ``calib`` (N, L)."""
     m = METRICS.get(name)
+    check_supported(name, refs, getattr(getattr(model, "config", None), "model_type", None))
     if not m.data_independent and (calib is None or calib.numel() == 0):
         raise ValueError(f"metric {name!r} needs calibration windows")
     was_training = model.training
@@ -238,17 +284,24 @@ def _hooked_backward(model, refs, calib, opts, on_grad: Callable[[ParamRef, torc
 
 # --------------------------------------------------------------------------- metrics
 
-@metric("magnitude", data_independent=True, description="|w|")
+def _value(r: ParamRef) -> torch.Tensor:
+    """The tensor's effective value in float32: offset + w (Gemma's norm gain 1 + w), else w.
+    May share storage with the parameter: never modify it in place."""
+    w = r.param.detach().float()
+    return w + r.offset if r.offset else w
+
+
+@metric("magnitude", data_independent=True, description="|w| (|1 + w| for Gemma's norm gains)")
 def _magnitude(model, refs, calib, sink, opts):
     for r in refs:
-        sink(r, r.param.detach().abs().float())
+        sink(r, _value(r).abs())
 
 
 @metric("grad_x_weight", needs_grad=True,
-        description="|w * g|, g the gradient of the mean calibration loss")
+        description="|w * g|, g the gradient of the mean calibration loss (|(1 + w) g| for Gemma's norm gains)")
 def _grad_x_weight(model, refs, calib, sink, opts):
     def on_grad(r: ParamRef, g: torch.Tensor) -> None:
-        sink(r, (r.param.detach().float() * g.float()).abs_())
+        sink(r, (_value(r) * g.float()).abs_())
 
     _hooked_backward(model, refs, calib, opts, on_grad, "grad_x_weight")
 
@@ -287,6 +340,27 @@ def _grad_squared(model, refs, calib, sink, opts):
         sink(r, a if a is not None else torch.zeros(r.shape, device=r.param.device))
 
 
+def _generator(device: torch.device, seed: int) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def _rademacher(shape, dtype: torch.dtype, device: torch.device, gen: torch.Generator) -> torch.Tensor:
+    return (torch.randint(0, 2, shape, generator=gen, device=device) * 2 - 1).to(dtype)
+
+
+def rademacher_probe(params: Sequence[torch.Tensor], seed: int) -> list[torch.Tensor]:
+    """One Rademacher (+-1) tensor per parameter, each drawn on that parameter's device (a model
+    spread over devices by ``device_map`` included), from one generator per device seeded with
+    ``seed``, in parameter order: on a single device, one stream through every tensor."""
+    gens: dict[torch.device, torch.Generator] = {}
+    out = []
+    for p in params:
+        if p.device not in gens:
+            gens[p.device] = _generator(p.device, seed)
+        out.append(_rademacher(p.shape, p.dtype, p.device, gens[p.device]))
+    return out
+
+
 def hutchinson_diagonal(model: nn.Module, refs: Sequence[ParamRef], calib: torch.Tensor,
                         opts: ScoreOptions, probes_per_pass: int = 8) -> list[torch.Tensor]:
     """Hutchinson estimate of diag(H) of the mean calibration loss: mean over Rademacher
@@ -296,13 +370,11 @@ def hutchinson_diagonal(model: nn.Module, refs: Sequence[ParamRef], calib: torch
     ``i`` draws the same z in every micro-batch (H z is linear in the loss, so the parts add).
     """
     params = [r.param for r in refs]
-    device = model_device(model)
     n = opts.hutchinson_probes
     acc = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params]
 
     def probe(i: int) -> list[torch.Tensor]:
-        gen = torch.Generator(device=device).manual_seed(opts.seed * 1_000_003 + i)
-        return [(torch.randint(0, 2, p.shape, generator=gen, device=device) * 2 - 1).to(p.dtype) for p in params]
+        return rademacher_probe(params, opts.seed * 1_000_003 + i)
 
     for _, loss in _mean_nll_parts(model, calib, opts, "hutchinson", lean=False):
         grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
@@ -345,47 +417,130 @@ def _hutchinson(model, refs, calib, sink, opts):
         sink(r, d.abs_())
 
 
+# --------------------------------------------------------------------------- activation metrics
+# wanda (|w| ||x||_2) and act_contrib (max over tokens of |x_k w_jk|) need what each scored tensor
+# multiplies. Every tensor has a role saying what that is; a tensor without one is refused.
+#   linear, conv1d: the module's input channels (a pre-hook); router included
+#   experts: per expert, the tokens routed to it, and for down_proj what it multiplies
+#   norm_gain: x_hat, through the norm's output minus its bias (= x_hat * gain, per channel)
+#   bias: an input of 1 on every token the module saw: |b| sqrt(tokens) and max |1 * b| = |b|
+#   embedding: a one-hot input: row v sees 1 on each occurrence of token v
+#   position_embedding: row p sees 1 at position p of every window (not token p)
+
+
+def _activation_role(r: ParamRef) -> str | None:
+    if r.layout == "vector":
+        if r.leaf == "bias" and (r.param_type == "norm" or isinstance(r.module, nn.Linear)
+                                 or type(r.module).__name__ == "Conv1D"):
+            return "bias"
+        return "norm_gain" if r.param_type == "norm" and r.leaf == "weight" else None
+    if r.layout == "experts":
+        return "experts" if experts_unsupported(r.module) is None else None
+    return r.layout if r.layout in ("linear", "conv1d", "embedding", "position_embedding") else None
+
+
+def _activation_unsupported(r: ParamRef) -> str | None:
+    if _activation_role(r) is not None:
+        return None
+    if r.layout.startswith("experts"):
+        return f"cannot recompute what its experts see ({experts_unsupported(r.module) or 'stored (E, in, out)'})"
+    return f"no known input for a {r.layout} {r.leaf} of {type(r.module).__name__}"
+
+
+def _stat(x: torch.Tensor, use_max: bool) -> torch.Tensor:
+    """(tokens, C) -> (C,): max |x| or sum of squares over tokens, in float32."""
+    xf = x.detach().float()
+    return xf.abs().amax(0) if use_max else xf.square().sum(0)
+
+
+def _fold(acc: torch.Tensor, new: torch.Tensor, use_max: bool) -> None:
+    torch.maximum(acc, new, out=acc) if use_max else acc.add_(new)
+
+
 class _ActivationStats:
-    """Per-input-channel max |x| (``use_max``) or sum of squares of every scored module's
-    input, via hooks: ``chan[id(module)]``."""
+    """What every scored module saw over the calibration forwards, through hooks.
+
+    ``chan[id(param)]``: per input channel of a weight, max |x| (``use_max``) or the sum of
+    squares over tokens: (in,) for a linear or Conv1D, (E, in) for fused experts (each over its
+    own routed tokens), (C,) for a norm gain (its output minus bias). Zero where nothing was
+    seen. ``tokens[id(module)]``: how many tokens (rows of its input) the module saw.
+    """
 
     def __init__(self, refs: Sequence[ParamRef], use_max: bool) -> None:
         self.use_max = use_max
         self.chan: dict[int, torch.Tensor] = {}
+        self.tokens: dict[int, int] = {}
         self.handles = []
-        seen = set()
+        by_module: dict[int, list[ParamRef]] = {}
         for r in refs:
-            if id(r.module) in seen:
-                continue
-            if r.in_dim is not None:
-                seen.add(id(r.module))
-                self.handles.append(r.module.register_forward_pre_hook(self._pre))
-            elif r.param_type == "norm" and r.leaf == "weight":
-                seen.add(id(r.module))
-                self.handles.append(r.module.register_forward_hook(self._post))
+            by_module.setdefault(id(r.module), []).append(r)
+        for group in by_module.values():
+            module, is_norm = group[0].module, group[0].param_type == "norm"
+            roles = {_activation_role(r): r for r in group}  # one linear or conv1d weight per module
+            self.tokens[id(module)] = 0
+            for r in group:
+                role = _activation_role(r)
+                if role in ("linear", "conv1d"):
+                    self.chan[id(r.param)] = torch.zeros(r.shape[r.in_dim], device=r.param.device)
+                elif role == "norm_gain":
+                    self.chan[id(r.param)] = torch.zeros(r.shape, device=r.param.device)
+                elif role == "experts":
+                    self.chan[id(r.param)] = torch.zeros(r.shape[0], r.shape[2], device=r.param.device)
+            if "experts" in roles:
+                self.handles.append(module.register_forward_pre_hook(self._experts_hook(module, group)))
+            elif is_norm:
+                self.handles.append(module.register_forward_hook(self._norm_hook(roles.get("norm_gain"))))
+            elif roles.keys() & {"linear", "conv1d", "bias"}:
+                w = roles.get("linear") or roles.get("conv1d")
+                self.handles.append(module.register_forward_pre_hook(self._input_hook(w)))
 
-    def _update(self, module: nn.Module, x: torch.Tensor) -> None:
-        xf = x.detach().reshape(-1, x.shape[-1]).float()  # (tokens, channels)
-        key = id(module)
-        c = xf.abs().amax(0) if self.use_max else xf.square().sum(0)
-        if key not in self.chan:
-            self.chan[key] = c
-        elif self.use_max:
-            torch.maximum(self.chan[key], c, out=self.chan[key])
-        else:
-            self.chan[key] += c
+    def _input_hook(self, w: ParamRef | None):
+        def hook(module, args):
+            x = args[0].reshape(-1, args[0].shape[-1])  # (tokens, in)
+            self.tokens[id(module)] += x.shape[0]
+            if w is not None:
+                _fold(self.chan[id(w.param)], _stat(x, self.use_max), self.use_max)
+        return hook
 
-    def _pre(self, module, args):
-        self._update(module, args[0])
+    def _norm_hook(self, gain: ParamRef | None):
+        def hook(module, args, out):
+            out = out[0] if isinstance(out, tuple) else out
+            y = out.reshape(-1, out.shape[-1])
+            self.tokens[id(module)] += y.shape[0]
+            if gain is not None:
+                bias = getattr(module, "bias", None)
+                y = y - bias if isinstance(bias, torch.Tensor) else y  # = x_hat * gain
+                _fold(self.chan[id(gain.param)], _stat(y, self.use_max), self.use_max)
+        return hook
 
-    def _post(self, module, args, out):
-        out = out[0] if isinstance(out, tuple) else out
-        bias = getattr(module, "bias", None)
-        self._update(module, out - bias if isinstance(bias, torch.Tensor) else out)  # = x_hat * gamma
+    def _experts_hook(self, module: nn.Module, group: Sequence[ParamRef]):
+        gate_up = next((r for r in group if r.param is getattr(module, "gate_up_proj", None)), None)
+        down = next((r for r in group if r.param is getattr(module, "down_proj", None)), None)
+
+        def hook(module, args):
+            hidden, top_k_index = args[0], args[1]  # (T, H), (T, k)
+            self.tokens[id(module)] += hidden.shape[0]
+            for e, x, h in expert_inputs(module, hidden, top_k_index):
+                if gate_up is not None:
+                    _fold(self.chan[id(gate_up.param)][e], _stat(x, self.use_max), self.use_max)
+                if down is not None:
+                    _fold(self.chan[id(down.param)][e], _stat(h, self.use_max), self.use_max)
+        return hook
 
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
+
+
+def _row_counts(r: ParamRef, calib: torch.Tensor) -> torch.Tensor:
+    """(rows,) how often each row of an embedding was looked up: token ids, or positions."""
+    c = torch.zeros(r.shape[0], device=r.param.device)
+    if r.layout == "position_embedding":  # every window uses positions 0..L-1 once
+        c[: calib.shape[1]] = calib.shape[0]
+        return c
+    counts = torch.bincount(calib.reshape(-1))[: r.shape[0]]
+    c[: len(counts)] = counts.to(c.device).float()
+    return c
 
 
 def _activation_scores(model, refs, calib, sink, opts, use_max: bool) -> None:
@@ -395,25 +550,26 @@ def _activation_scores(model, refs, calib, sink, opts, use_max: bool) -> None:
             pass
     finally:
         stats.remove()
-    counts = torch.bincount(calib.reshape(-1))
+    norm = (lambda c: c) if use_max else torch.sqrt  # ||x||_2 from sums of squares
+    seen = (lambda c: (c > 0).float()) if use_max else torch.sqrt  # a one-hot input: 1 or sqrt(count)
     for r in refs:
-        w = r.param.detach().abs().float()
-        chan = stats.chan.get(id(r.module))
-        if chan is not None and not use_max:
-            chan = chan.sqrt()  # ||x||_2 per channel
-        if r.leaf == "bias":
-            s = w
-        elif r.in_dim is not None:
-            s = torch.zeros_like(w) if chan is None else w * (chan[None, :] if r.in_dim == 1 else chan[:, None])
-        elif r.param_type == "norm":
-            s = torch.zeros_like(w) if chan is None else chan
-        elif r.param_type == "embedding" and w.dim() == 2:
-            c = torch.zeros(w.shape[0], device=w.device)
-            n = min(len(counts), w.shape[0])
-            c[:n] = counts[:n].to(w.device).float()
-            s = w * ((c > 0).float() if use_max else c.sqrt())[:, None]
-        else:
-            s = w
+        role = _activation_role(r)
+        chan = stats.chan.get(id(r.param))
+        if role == "linear":
+            s = _value(r).abs() * norm(chan)[None, :]
+        elif role == "conv1d":
+            s = _value(r).abs() * norm(chan)[:, None]
+        elif role == "experts":
+            s = _value(r).abs() * norm(chan)[:, None, :]
+        elif role == "norm_gain":
+            s = norm(chan).clone()  # ||x_hat * gain||: |gain| ||x_hat|| per channel
+        elif role == "bias":
+            t = stats.tokens[id(r.module)]
+            s = _value(r).abs() * ((1.0 if t else 0.0) if use_max else math.sqrt(t))
+        elif role in ("embedding", "position_embedding"):
+            s = _value(r).abs() * seen(_row_counts(r, calib))[:, None]
+        else:  # check_supported refused these before any work
+            raise UnsupportedTensorError(f"{r.name}: {_activation_unsupported(r)}")
         sink(r, s)
 
 
@@ -423,13 +579,14 @@ def _forward_only(model, calib, opts, desc):
         yield logits_of(model, ids.to(device, non_blocking=True))
 
 
-@metric("wanda",
-        description="|w| * ||x_in||_2 of its input channel over calibration tokens")
+@metric("wanda", unsupported=_activation_unsupported,
+        description="|w| * ||x_in||_2 of its input channel over calibration tokens "
+                    "(a bias: |b| sqrt(tokens); experts: their routed tokens)")
 def _wanda(model, refs, calib, sink, opts):
     _activation_scores(model, refs, calib, sink, opts, use_max=False)
 
 
-@metric("act_contrib",
+@metric("act_contrib", unsupported=_activation_unsupported,
         description="max over tokens of |x_k * W_jk|, a weight's largest single contribution")
 def _act_contrib(model, refs, calib, sink, opts):
     _activation_scores(model, refs, calib, sink, opts, use_max=True)

@@ -175,6 +175,8 @@ def test_in_dim(model_type):
             # Conv1D: y = x @ W + b, so the input axis has the block's hidden width
             if r.name.endswith(("c_attn.weight", "c_fc.weight")) or ".attn.c_proj." in r.name:
                 assert r.param.shape[0] == HIDDEN
+        elif r.layout == "linear":  # a router: F.linear(x, W) on a plain Parameter
+            assert model_type == "mixtral" and r.name.endswith("mlp.gate.weight") and r.in_dim == 1, r.name
         else:  # embeddings, fused 3-D expert tensors
             assert r.in_dim is None, r.name
     if model_type == "gpt2":

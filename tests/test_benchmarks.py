@@ -110,11 +110,17 @@ def test_gpu_8b_micro_batches_when_scoring_runs_out_of_memory(tmp_path, monkeypa
 
 
 def test_peak_meter_sees_an_allocation():
+    import mmap
+
     meter = common.PeakMeter()
     meter.start()
-    x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    # 64 MiB of fresh pages, touched: a heap allocation could reuse pages freed (but still
+    # resident) by an earlier test in this process, and then no meter would see it
+    buf = mmap.mmap(-1, 64 * 2**20)
+    for i in range(0, len(buf), 4096):
+        buf[i] = 1
     meter.stop()
-    del x
+    buf.close()
     assert meter.peak - meter.rss_start > 48 * 2**20
 
 
@@ -229,3 +235,16 @@ def test_sweep_overhead_runs_both_ways_with_one_model_load(tmp_path, ray_local):
     steps = data["sweep_steps_s"]
     assert {"tracking_start_s", "first_result_s", "tasks_s", "ray_shutdown_s"} <= set(steps)
     assert 0 < steps["first_result_s"] < steps["tasks_s"]
+
+
+def test_random_k_memory_measures_both_modes_side_by_side(tmp_path):
+    from benchmarks import random_k_memory
+
+    out = random_k_memory.main([*QUICK, "--out", str(tmp_path)])
+    data = _json(tmp_path, "random_k_memory")
+    for step in random_k_memory.STEPS:
+        r = data["ratios"][step]
+        assert _finite(r["peak_per_layer_over_global"]) and r["peak_per_layer_over_global"] > 0
+        for v in random_k_memory.VARIANTS:
+            assert data["memory"][step][v]["child"]["n_selected"] > 0
+    assert out["ratios"]["select"]["peak_per_layer_over_global"] == data["ratios"]["select"]["peak_per_layer_over_global"]
