@@ -1,0 +1,78 @@
+"""Shared vocabulary of the analysis: grouping keys, strict-JSON numbers, cell picking."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import pandas as pd
+
+# Cells pool (over seeds) only within one value of every key here: the evaluation protocol is
+# first, so that nothing measured under two protocols is ever averaged or compared as alike.
+GROUP = ["protocol", "model", "metric", "k", "mode", "perturbation", "variant"]
+SCORING = ["protocol", "model", "metric", "k", "mode", "variant"]  # cells sharing one scoring pass
+NUMBERS_NOTE = ("Numbers are JSON numbers when finite; an infinite value is the string \"inf\" (e.g. a "
+                "perplexity that overflowed: real damage, not missing data); null means missing or undefined")
+
+
+def num(x) -> float | str | None:
+    """A strict-JSON number: finite floats as they are, +-inf as "inf"/"-inf", NaN/None as null."""
+    if x is None or x is pd.NA:
+        return None
+    x = float(x)
+    if math.isnan(x):
+        return None
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    return x
+
+
+def clean(o):
+    """Recursively JSON-safe (strict): numpy scalars to Python, floats through :func:`num`."""
+    if isinstance(o, dict):
+        return {str(k): clean(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple, set)):
+        return [clean(v) for v in (sorted(o, key=str) if isinstance(o, set) else o)]
+    if isinstance(o, (bool, np.bool_)):
+        return bool(o)
+    if isinstance(o, (int, np.integer)):
+        return int(o)
+    if isinstance(o, (float, np.floating)):
+        return num(o)
+    if isinstance(o, Path):
+        return str(o)
+    if o is pd.NA or o is pd.NaT:
+        return None
+    return o
+
+
+def cells_list(values: Iterable) -> list[str]:
+    return sorted({str(v) for v in values})
+
+
+def key_dict(cols: list[str], key) -> dict:
+    key = key if isinstance(key, tuple) else (key,)
+    return {c: (v.item() if isinstance(v, np.generic) else v) for c, v in zip(cols, key)}
+
+
+def one_cell_per_seed(df: pd.DataFrame, by: list[str]) -> pd.DataFrame:
+    """Rows of one cell per (``by``, seed): cells sharing a scoring pass (e.g. differing only in
+    the perturbation) hold the same top weights and scores; counting them twice would weigh
+    one measurement double. The first cell by label is kept."""
+    if df.empty:
+        return df
+    first = df.groupby([*by, "seed"], dropna=False)["cell"].transform("min")
+    return df[df["cell"] == first]
+
+
+def relative_depth_bin(layer: pd.Series, n_layers: pd.Series, bins: int) -> pd.Series:
+    """Bin index 0..bins-1 of (layer + 0.5) / n_layers; -1 for tensors outside the decoder
+    blocks (layer -1: final norm, embeddings, lm_head) or of unknown depth."""
+    rel = (layer.astype(float) + 0.5) / n_layers.astype(float)
+    b = np.floor(rel * bins).clip(0, bins - 1)
+    return pd.Series(np.where((layer >= 0) & rel.notna(), b, -1), index=layer.index).astype(int)
+
+
+def bin_label(b: int, bins: int) -> str:
+    return "outside blocks" if b < 0 else f"{b / bins:.2f}-{(b + 1) / bins:.2f}"

@@ -1,0 +1,503 @@
+"""Read result folders (single experiments and sweep roots, nested, mixed) into pandas tables.
+
+A folder holding ``manifest.json`` is one experiment ("cell"); a folder holding
+``sweep_manifest.json`` names its cells by their sub-folders. Folders whose manifest is not
+``finished`` are skipped and counted. Fields added later (protocol block, ``ppl_status``,
+``expert``, ``n_layers``, ``score_sample.parquet``, ``super_weights.json``, Parquet top
+weights) are used when present and derived or left out when not.
+
+Top weights are digested one cell at a time (counts per tensor, candidate lines, sorted id
+sets per seed) so that a hundred cells of ~430k rows each never sit in memory together.
+Rows are chosen by ``rank`` (or by score when there is no rank), never by their order.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+SWEEP_MANIFEST = "sweep_manifest.json"
+# settings that do not change what was measured (where it ran, what was drawn, how it was batched)
+NOT_MEASUREMENT = {"out_dir", "save_plots", "stability_check", "device", "eval_batch_size", "micro_batch",
+                   "seeds", "controls", "stability_sample"}
+# settings that are grouped on explicitly or belong to the evaluation protocol
+EXPLICIT = {"model", "metric", "topk", "mode", "perturb", "perturb_scale", "perturb_bit",
+            "eval_file", "eval_length", "eval_samples", "bos", "protocol", "dtype"}
+PROTOCOL_FIELDS = ("eval_source", "eval_sha256", "window_length", "bos", "eval_windows", "dtype")
+_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}
+_ID_BITS = 21  # tensor id, row and column each get 21 bits of an int64 set key
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How much of the top weights to keep while loading."""
+
+    line_min_count: int = 5  # a row/column is a candidate line with at least this many top-K weights
+    line_enrichment: float = 10.0  # ... and this many times what uniform placement would put there
+    lines_per_seed: int = 200  # at most this many candidate lines per cell and seed (the largest)
+
+
+@dataclass
+class ResultSet:
+    """Everything read from the folders, as tables keyed by ``cell`` (a unique folder label)."""
+
+    cells: pd.DataFrame
+    results: pd.DataFrame  # per cell, selection and seed: ratio (+inf kept), ppl_status
+    stability: pd.DataFrame  # per cell, statistic (jaccard/spearman) and seed pair
+    tensor_stats: pd.DataFrame  # per cell, seed and tensor: count, mean, ... of the scores
+    topk_counts: pd.DataFrame  # per cell, seed and tensor: top-K weights there
+    lines: pd.DataFrame  # per cell and seed: rows/columns holding many top-K weights
+    score_sample: pd.DataFrame  # per cell and seed: (global_id, score) of the shared sample
+    super_weights: list[dict]
+    topk_keys: dict[tuple[str, int], np.ndarray]  # (cell, seed) -> sorted unique weight ids
+    skipped: list[dict]
+    warnings: list[str]
+    top_weight_files: dict[str, Path] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- discovery
+
+def find_experiment_dirs(paths: Iterable[str | Path]) -> list[Path]:
+    """Every folder under ``paths`` that holds a ``manifest.json`` (sorted, each once)."""
+    found: set[Path] = set()
+    for p in map(Path, paths):
+        if not p.exists():
+            raise FileNotFoundError(f"result-dirs: no such folder {str(p)!r}")
+        if p.is_file():
+            p = p.parent
+        for d, dirs, files in os.walk(p):
+            if "manifest.json" in files:
+                found.add(Path(d).resolve())
+                dirs[:] = []  # an experiment's sub-folders (plots/) hold no experiments
+            else:
+                dirs.sort()
+    return sorted(found)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+
+
+def _norm_dtype(x) -> str | None:
+    if x is None:
+        return None
+    s = str(x).replace("torch.", "")
+    return _DTYPES.get(s, s)
+
+
+def protocol_key(manifest: dict, pert: dict) -> tuple[dict, bool]:
+    """The evaluation protocol of a cell (``PROTOCOL_FIELDS``) and whether it was derived from
+    older fields (no protocol block): corpus, window, BOS layout, windows and dtype."""
+    data = manifest.get("data") or {}
+    settings = manifest.get("settings") or {}
+    prov = manifest.get("provenance") or {}
+    dtype = _norm_dtype((prov.get("model") or {}).get("dtype") or prov.get("dtype") or settings.get("dtype"))
+    p = data.get("protocol") or pert.get("protocol")
+    if p:
+        key = {"name": p.get("name"), "eval_source": p.get("eval_source"), "eval_sha256": p.get("eval_sha256"),
+               "window_length": p.get("window_length"), "bos": p.get("bos"), "eval_windows": p.get("eval_windows"),
+               "calib_source": p.get("calib_source"), "dtype": dtype}
+        return key, False
+    key = {"name": None, "eval_source": data.get("eval_source") or settings.get("eval_file") or settings.get("data_file"),
+           "eval_sha256": None, "window_length": data.get("eval_length") or pert.get("window_length"),
+           "bos": data.get("layout") or settings.get("bos"),
+           "eval_windows": data.get("eval_windows") or pert.get("eval_windows"),
+           "calib_source": data.get("calib_source"), "dtype": dtype}
+    return key, True
+
+
+def _variant(settings: dict) -> str:
+    """A short hash of the settings that change the measurement but are not grouped on
+    explicitly (calibration size, parameter types, ...): cells that differ there never pool."""
+    rest = {k: v for k, v in settings.items() if k not in NOT_MEASUREMENT | EXPLICIT}
+    if isinstance(rest.get("param_types"), list):
+        rest["param_types"] = sorted(rest["param_types"])
+    return hashlib.sha1(json.dumps(rest, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def perturbation_label(p: dict | None, settings: dict) -> str:
+    p = p or {"method": settings.get("perturb"), "scale": settings.get("perturb_scale"), "bit": settings.get("perturb_bit")}
+    extra = [f"{k}={p[k]:g}" if isinstance(p.get(k), float) else f"{k}={p[k]}" for k in ("scale", "bit") if p.get(k) is not None]
+    return f"{p.get('method')}({', '.join(extra)})" if extra else str(p.get("method"))
+
+
+# --------------------------------------------------------------------------- one cell
+
+def _results_rows(cell: str, pert: dict) -> list[dict]:
+    base = (pert.get("baseline") or {}).get("ppl")
+    rows = []
+    for r in pert.get("results", []):
+        ratio, status, ppl = r.get("ppl_ratio"), r.get("ppl_status"), r.get("ppl")
+        if ratio is None and ppl is not None and base:
+            ratio = ppl / base  # a sweep driver that had no baseline at hand left the division
+        if status is None:  # older files: a null could be inf or nan, we cannot tell
+            status = "finite" if ratio is not None and math.isfinite(ratio) else "unknown"
+        value = ratio if ratio is not None else (math.inf if status == "inf" else math.nan)
+        rows.append({"cell": cell, "selection": r.get("selection"), "seed": int(r.get("seed", -1)),
+                     "k": r.get("k"), "n_weights": r.get("n_weights"), "ppl": ppl if ppl is not None else
+                     (math.inf if status == "inf" else math.nan), "ratio": float(value), "ppl_status": status})
+    return rows
+
+
+def _stats_rows(cell: str, stats: dict) -> list[dict]:
+    rows = []
+    for s in stats.get("per_seed", []):
+        for t in s.get("per_tensor", []):
+            shape = list(t.get("shape") or [])
+            rows.append({"cell": cell, "seed": int(s.get("seed", -1)), "parameter": t.get("name"),
+                         "layer": int(t.get("layer", -1)), "param_type": t.get("param_type"),
+                         "ndim": len(shape), "n_rows": shape[0] if shape else None,
+                         "n_cols": shape[-1] if len(shape) >= 2 else None,
+                         **{k: (np.nan if t.get(k) is None else float(t[k])) for k in ("count", "mean", "std", "max", "p99")}})
+    return rows
+
+
+def _stability_rows(cell: str, st: dict) -> list[dict]:
+    rows = []
+    for stat in ("jaccard", "spearman"):
+        for p in (st.get(stat) or {}).get("pairs", []):
+            v = p.get("value")
+            rows.append({"cell": cell, "statistic": stat, "a": p.get("a"), "b": p.get("b"),
+                         "value": np.nan if v is None else float(v), "source": "stability.json"})
+    return rows
+
+
+def read_top_weights(path: Path) -> pd.DataFrame:
+    """One top-weights file (Parquet preferred, CSV otherwise) with compact dtypes; ``expert``
+    is added (empty) when the file predates it."""
+    cats = ("parameter", "param_type")
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        names = pq.read_schema(path).names
+        df = pq.read_table(path, read_dictionary=[c for c in (*cats, "expert") if c in names]).to_pandas()
+    else:
+        df = pd.read_csv(path, engine="pyarrow")
+    for c in cats:
+        if not isinstance(df[c].dtype, pd.CategoricalDtype):
+            df[c] = df[c].astype("category")
+    df["expert"] = _expert_column(df["expert"] if "expert" in df.columns else None, len(df))
+    return df
+
+
+def _expert_column(e: pd.Series | None, n: int) -> pd.Categorical:
+    """Experts as a categorical of strings, "" for a dense tensor (CSV reads an int column with
+    blanks as floats: 3.0 -> "3"). Works on the categories, never on every row's string."""
+    if e is None or e.isna().all():
+        return pd.Categorical.from_codes(np.zeros(n, dtype=np.int8), categories=[""])
+    if pd.api.types.is_numeric_dtype(e.dtype):
+        e = e.astype("Int64")
+    if not isinstance(e.dtype, pd.CategoricalDtype):
+        e = e.astype("category")
+    cats = [str(c) for c in e.cat.categories]
+    codes = e.cat.codes.to_numpy().astype(np.int64)
+    if "" not in cats:
+        cats.append("")
+    codes = np.where(codes < 0, cats.index(""), codes)
+    uniq = list(dict.fromkeys(cats))  # "3" and 3 both become "3"
+    remap = np.array([uniq.index(c) for c in cats], dtype=np.int64)
+    return pd.Categorical.from_codes(remap[codes], categories=uniq)
+
+
+def _select_top(df: pd.DataFrame, k: int, mode: str) -> pd.DataFrame:
+    """The top-K rows by rank (or by score when the file has no rank), whatever their order."""
+    if "rank" in df.columns and df["rank"].notna().all():
+        keep = df["rank"].to_numpy() <= k
+        return df if keep.all() else df[keep]
+    by = ["seed"] if mode == "global" else ["seed", "parameter", "expert"]
+    order = df.sort_values("score", ascending=False, kind="stable")
+    return order[order.groupby(by, observed=True).cumcount().to_numpy() < k]
+
+
+class TensorIds:
+    """Tensor name ("parameter" or "parameter#expert") -> a small int shared by every cell, so
+    that the weight ids of different cells line up."""
+
+    def __init__(self) -> None:
+        self.ids: dict[str, int] = {}
+
+    def of(self, names: Sequence[str]) -> np.ndarray:
+        return np.array([self.ids.setdefault(n, len(self.ids)) for n in names], dtype=np.int64)
+
+
+@dataclass
+class _Tensors:
+    """The tensors of one top-weights table: a local index per row and per-tensor lookups."""
+
+    local: np.ndarray  # (n,) local tensor index of every row
+    names: np.ndarray  # (T,) parameter name
+    experts: np.ndarray  # (T,) expert ("" if dense)
+    layer: np.ndarray  # (T,)
+    ptype: np.ndarray  # (T,)
+
+    @classmethod
+    def of(cls, df: pd.DataFrame) -> "_Tensors":
+        pc = df["parameter"].cat.codes.to_numpy().astype(np.int64)
+        ec = df["expert"].cat.codes.to_numpy().astype(np.int64)
+        ne = len(df["expert"].cat.categories)
+        combined = pc * ne + ec
+        present = np.bincount(combined, minlength=len(df["parameter"].cat.categories) * ne) > 0  # O(n), no sort
+        uniq = np.flatnonzero(present)
+        local = (np.cumsum(present) - 1)[combined]
+        layer = np.zeros(len(uniq), dtype=np.int64)
+        ptc = np.zeros(len(uniq), dtype=np.int64)
+        layer[local] = df["layer"].to_numpy()
+        ptc[local] = df["param_type"].cat.codes.to_numpy()
+        pcat = np.asarray(df["parameter"].cat.categories, dtype=object)
+        ecat = np.asarray(df["expert"].cat.categories, dtype=object)
+        tcat = np.asarray(df["param_type"].cat.categories, dtype=object)
+        return cls(local.astype(np.int64), pcat[uniq // ne], ecat[uniq % ne], layer, tcat[ptc])
+
+    def keys(self) -> list[str]:
+        return [n if e == "" else f"{n}#{e}" for n, e in zip(self.names, self.experts)]
+
+
+def _weight_keys(tid: np.ndarray, row: np.ndarray, col: np.ndarray) -> np.ndarray:
+    """(n,) int64 ids of weights: packed (tensor, row, col) when they fit, else a hash."""
+    lim = 1 << _ID_BITS
+    if tid.size == 0 or (tid.max() < lim and row.max() < lim and col.max() < lim and row.min() >= 0 and col.min() >= 0):
+        return (tid << (2 * _ID_BITS)) | (row << _ID_BITS) | col
+    return pd.util.hash_array(tid * 1_000_003 + row * 7919 + col).astype(np.int64)
+
+
+def digest_top_weights(df: pd.DataFrame, cell: str, k: int, mode: str, ids: TensorIds, shapes: dict[str, tuple],
+                       opts: LoadOptions) -> tuple[pd.DataFrame, pd.DataFrame, dict[tuple[str, int], np.ndarray]]:
+    """Counts per tensor, candidate lines and sorted id sets per seed, from one cell's top weights
+    (``df`` from :func:`read_top_weights`; rows in any order).
+
+    ``shapes``: parameter -> (n_rows, n_cols or None) from the cell's statistics (may be empty).
+    """
+    df = _select_top(df, k, mode)
+    tens = _Tensors.of(df)
+    n_t = len(tens.names)
+    row = df["row"].to_numpy(dtype=np.int64, na_value=0)
+    col_f = df["col"].to_numpy(dtype=np.float64, na_value=np.nan)
+    vec_t = np.array([shapes.get(n, (None, 0))[1] is None for n in tens.names], dtype=bool)  # old files: col 0
+    is_matrix = ~(np.isnan(col_f) | vec_t[tens.local])
+    col = np.where(np.isnan(col_f), 0, col_f).astype(np.int64)
+    seed = df["seed"].to_numpy(dtype=np.int64)
+    useeds = np.unique(seed)  # a few values: hashing, then a search beats a full sort
+    sidx = np.searchsorted(useeds, seed)
+    tid = ids.of(tens.keys())[tens.local]
+    keys = _weight_keys(tid, row, col)
+    sets = {(cell, int(s)): np.unique(keys[sidx == i]) for i, s in enumerate(useeds)}
+
+    per = np.bincount(sidx * n_t + tens.local, minlength=len(useeds) * n_t).reshape(len(useeds), n_t)
+    si, ti = np.nonzero(per)
+    counts = pd.DataFrame({"cell": cell, "seed": useeds[si], "parameter": tens.names[ti], "expert": tens.experts[ti],
+                           "layer": tens.layer[ti], "param_type": tens.ptype[ti], "n": per[si, ti]})
+    return counts, _lines(cell, tens, per, useeds, sidx, row, col, is_matrix, shapes, opts), sets
+
+
+def _lines(cell: str, tens: _Tensors, per: np.ndarray, useeds: np.ndarray, sidx: np.ndarray, row: np.ndarray,
+           col: np.ndarray, is_matrix: np.ndarray, shapes: dict, opts: LoadOptions) -> pd.DataFrame:
+    """Rows and columns of matrices that hold many of their tensor's top-K weights: at least
+    ``line_min_count`` and ``line_enrichment`` times the uniform expectation (K_tensor / lines).
+    ``per``: (seeds, tensors) top-K count of each tensor in each seed."""
+    if not is_matrix.any():
+        return pd.DataFrame()
+    st = (sidx[is_matrix].astype(np.int64) << 32) | tens.local[is_matrix]  # (seed, tensor)
+    out = []
+    for axis, idx in (("row", row[is_matrix]), ("col", col[is_matrix])):
+        uk, cnt = np.unique((st << 26) | idx, return_counts=True)  # (seed, tensor, index); indices < 2**26
+        hit = cnt >= opts.line_min_count
+        uk, cnt = uk[hit], cnt[hit]
+        if not cnt.size:
+            continue
+        s, t, i = uk >> 58, (uk >> 26) & ((1 << 32) - 1), uk & ((1 << 26) - 1)
+        kt = per[s, t]
+        n_lines = np.array([shapes.get(n, (None, None))[0 if axis == "row" else 1] or np.nan for n in tens.names[t]],
+                           dtype=float)
+        keep = ~(cnt < opts.line_enrichment * kt / n_lines)  # unknown shape (NaN): the count alone decides
+        s, t = s[keep], t[keep]
+        out.append(pd.DataFrame({"cell": cell, "seed": useeds[s], "parameter": tens.names[t], "expert": tens.experts[t],
+                                 "layer": tens.layer[t], "param_type": tens.ptype[t], "axis": axis, "index": i[keep],
+                                 "count": cnt[keep], "k_tensor": kt[keep], "n_lines": n_lines[keep]}))
+    if not out:
+        return pd.DataFrame()
+    lines = pd.concat(out, ignore_index=True)
+    lines["share"] = lines["count"] / lines["k_tensor"]
+    lines["enrichment"] = lines["count"] / (lines["k_tensor"] / lines["n_lines"])
+    return (lines.sort_values(["seed", "count"], ascending=[True, False], kind="stable")
+            .groupby("seed").head(opts.lines_per_seed).reset_index(drop=True))
+
+
+# --------------------------------------------------------------------------- everything
+
+class _Skip(Exception):
+    """A folder that holds no finished experiment: (status, error)."""
+
+
+@dataclass
+class _Cell:
+    """What one experiment folder contributes to the tables."""
+
+    row: dict
+    results: list[dict]
+    stability: list[dict]
+    stats: list[dict]
+    counts: pd.DataFrame | None = None
+    lines: pd.DataFrame | None = None
+    keys: dict = field(default_factory=dict)
+    sample: pd.DataFrame | None = None
+    super_weights: dict | None = None
+    top_weights: Path | None = None
+
+
+def _read_cell(d: Path, cell: str, ids: TensorIds, opts: LoadOptions) -> _Cell:
+    try:
+        man = _read_json(d / "manifest.json") or {}
+    except json.JSONDecodeError as e:
+        raise _Skip("unreadable", f"manifest.json: {e}") from None
+    if man.get("status") != "finished":
+        raise _Skip(man.get("status"), man.get("error"))
+    pert = _read_json(d / "perturbation_results.json")
+    if pert is None:
+        raise _Skip("incomplete", "no perturbation_results.json")
+    settings = man.get("settings") or {}
+    prov_model = (man.get("provenance") or {}).get("model") or {}
+    proto, derived = protocol_key(man, pert)
+    stats = _read_json(d / "sensitivity_stats.json")
+    srows = _stats_rows(cell, stats) if stats else []
+    st = _read_json(d / "stability.json")
+    out = _Cell(row={}, results=_results_rows(cell, pert), stability=_stability_rows(cell, st) if st else [], stats=srows)
+    k, mode = int(pert.get("topk") or settings.get("topk")), pert.get("mode") or settings.get("mode")
+    n_layers = prov_model.get("n_layers")
+    if n_layers is None and srows:  # older provenance: the deepest block scored
+        n_layers = max(r["layer"] for r in srows) + 1
+    tw = d / "top_weights.parquet" if (d / "top_weights.parquet").exists() else d / "top_weights.csv"
+    n_top = 0
+    if tw.exists():
+        shapes = {r["parameter"]: (r["n_rows"], r["n_cols"]) for r in srows if r["seed"] == srows[0]["seed"]}
+        df = read_top_weights(tw)
+        n_top = len(df)
+        out.counts, out.lines, out.keys = digest_top_weights(df, cell, k, mode, ids, shapes, opts)
+        out.top_weights = tw
+        if n_layers is None and len(out.counts):
+            n_layers = int(out.counts["layer"].max()) + 1
+    ss = d / "score_sample.parquet"
+    if ss.exists():
+        out.sample = pd.read_parquet(ss, columns=["seed", "global_id", "score"])
+        out.sample.insert(0, "cell", cell)
+    sw = _read_json(d / "super_weights.json")
+    out.super_weights = {"cell": cell, **sw} if sw else None
+    seeds = sorted({int(r["seed"]) for r in pert.get("results", [])}) or list(settings.get("seeds", []))
+    out.row = {
+        "cell": cell, "dir": str(d),
+        "model": settings.get("model") or prov_model.get("model_id"), "model_id": prov_model.get("model_id"),
+        "hf_id": prov_model.get("hf_id"), "model_type": prov_model.get("model_type"),
+        "n_params": prov_model.get("n_params"), "n_layers": n_layers,
+        "metric": pert.get("metric") or settings.get("metric"), "k": k, "mode": mode,
+        "perturbation": perturbation_label(pert.get("perturbation"), settings),
+        "param_types": ",".join(sorted(settings.get("param_types") or [])),
+        "seeds": ",".join(map(str, seeds)), "n_seeds": len(seeds),
+        "baseline_ppl": man.get("baseline_ppl", (pert.get("baseline") or {}).get("ppl")),
+        "data_independent": (st or {}).get("data_independent"),
+        "variant": _variant(settings), "protocol_derived": derived,
+        **{f"protocol_{f}": proto.get(f) for f in ("name", *PROTOCOL_FIELDS, "calib_source")},
+        "has_top_weights": tw.exists(), "top_weight_rows": n_top, "has_score_sample": ss.exists(),
+        "has_stability": st is not None, "has_super_weights": sw is not None,
+        "plots_failed": json.dumps(man["plots_failed"]) if man.get("plots_failed") else None,
+    }
+    return out
+
+
+def _labels(dirs: list[Path]) -> list[str]:
+    """Cell labels: the folder name (a sweep's cell id), or parent/name where names repeat,
+    with a counter if even that repeats."""
+    count: dict[str, int] = {}
+    for d in dirs:
+        count[d.name] = count.get(d.name, 0) + 1
+    out, seen = [], set()
+    for d in dirs:
+        label = d.name if count[d.name] == 1 else f"{d.parent.name}/{d.name}"
+        base, i = label, 2
+        while label in seen:
+            label, i = f"{base}#{i}", i + 1
+        seen.add(label)
+        out.append(label)
+    return out
+
+
+def load_results(paths: Sequence[str | Path], opts: LoadOptions | None = None) -> ResultSet:
+    """Read every experiment folder under ``paths`` (see the module docstring)."""
+    opts = opts or LoadOptions()
+    dirs = find_experiment_dirs(paths)
+    sweeps: dict[Path, dict | None] = {}
+    ids = TensorIds()
+    got: list[_Cell] = []
+    skipped: list[dict] = []
+    seen: set[tuple[Path, str]] = set()
+    for d, cell in zip(dirs, _labels(dirs)):
+        if d.parent not in sweeps:
+            sweeps[d.parent] = _read_json(d.parent / SWEEP_MANIFEST)
+        entry = ((sweeps[d.parent] or {}).get("cells") or {}).get(d.name)
+        if entry is not None:
+            seen.add((d.parent, d.name))
+        try:
+            c = _read_cell(d, cell, ids, opts)
+        except _Skip as e:
+            skipped.append({"cell": cell, "dir": str(d), "status": e.args[0], "error": e.args[1]})
+            continue
+        c.row.update(sweep=(sweeps[d.parent] or {}).get("name") if entry else None,
+                     mlflow_run_id=(entry or {}).get("mlflow_run_id"))
+        got.append(c)
+    for root, sweep in sweeps.items():  # cells a sweep planned that never wrote a finished folder
+        for cid, e in ((sweep or {}).get("cells") or {}).items():
+            if (root, cid) not in seen:
+                skipped.append({"cell": cid, "dir": str(root / cid), "status": e.get("status"), "error": e.get("error")})
+    if skipped:
+        log.warning("%d result folder(s) skipped (not finished): %s", len(skipped),
+                    ", ".join(f"{s['cell']} ({s['status']})" for s in skipped[:5]))
+    cells = pd.DataFrame([c.row for c in got])
+    if len(cells):
+        cells = _assign_protocols(cells)
+        cells["model_name"] = _short_names(cells["model"])
+    keys = {k: v for c in got for k, v in c.keys.items()}
+    return ResultSet(
+        cells=cells, results=pd.DataFrame([r for c in got for r in c.results]),
+        stability=pd.DataFrame([r for c in got for r in c.stability]),
+        tensor_stats=pd.DataFrame([r for c in got for r in c.stats]),
+        topk_counts=_concat([c.counts for c in got if c.counts is not None]),
+        lines=_concat([c.lines for c in got if c.lines is not None]),
+        score_sample=_concat([c.sample for c in got if c.sample is not None]),
+        super_weights=[c.super_weights for c in got if c.super_weights], topk_keys=keys, skipped=skipped,
+        warnings=[], top_weight_files={c.row["cell"]: c.top_weights for c in got if c.top_weights})
+
+
+def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    frames = [f for f in frames if len(f)]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def _assign_protocols(cells: pd.DataFrame) -> pd.DataFrame:
+    """Protocol ids P1, P2, ... (in a stable order of their fields) and a readable label."""
+    cols = [f"protocol_{f}" for f in PROTOCOL_FIELDS]
+    keys = pd.Series(["|".join(map(str, r)) for r in cells[cols].itertuples(index=False)], index=cells.index)
+    order = {k: f"P{i + 1}" for i, k in enumerate(sorted(keys.unique()))}
+    cells = cells.copy()
+    cells["protocol"] = keys.map(order)
+    cells["protocol_label"] = [
+        f"{r.protocol_name or 'derived'}: {r.protocol_eval_source}, {r.protocol_window_length}-token windows x "
+        f"{r.protocol_eval_windows}, BOS per {r.protocol_bos}, {r.protocol_dtype}" for r in cells.itertuples()]
+    return cells
+
+
+def _short_names(models: pd.Series) -> pd.Series:
+    """Last path component of each model id, unless two different models would share it."""
+    short = models.astype(str).map(lambda m: m.rstrip("/").split("/")[-1] or m)
+    clash = short.groupby(short).transform(lambda s: models[s.index].nunique() > 1)
+    return short.where(~clash, models.astype(str))

@@ -1,0 +1,342 @@
+"""The research summary: one PDF page per section (matplotlib PdfPages, no LaTeX).
+
+    python -m analysis.report --input-dirs results/ --output research_summary.pdf
+    python -m analysis.report --analysis results/x/statistical_analysis.json --output research_summary.pdf
+
+Sections (:data:`SECTIONS`): study settings and protocols; perplexity ratios; paired tests and
+critical K; stability; metric agreement; where the top-K weights live; recurring coordinates
+and super weights; hypotheses. Each page holds its table, its figure (if any) and a
+one-sentence caption saying what the figure shows and from which cells.
+Library use: :func:`write_report` (the sweep runner calls it with :func:`analysis.analyze`'s dict).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import textwrap
+from pathlib import Path
+from typing import Callable, Sequence
+
+from matplotlib.backends.backend_pdf import PdfPages
+from matplotlib.figure import Figure
+
+from .common import clean
+from .figures import FIGURES
+
+log = logging.getLogger(__name__)
+
+PAGE = (8.27, 11.69)  # A4 portrait, inches
+MAX_ROWS = 22  # table rows per page; the rest are in the Parquet tables
+
+
+def _fmt(v, digits: int = 3) -> str:
+    if v is None:
+        return "-"
+    if v == "inf":
+        return "inf"
+    if isinstance(v, float):
+        return f"{v:.{digits}g}"
+    return str(v)
+
+
+def _ci(c) -> str:
+    return "-" if not c or c[0] is None else f"[{_fmt(c[0])}, {_fmt(c[1])}]"
+
+
+def _table(ax, header: list[str], rows: list[list], title: str, note_more: str = "", max_rows: int = MAX_ROWS,
+           empty: str = "(nothing measured)") -> None:
+    """A fixed-width text table (monospace: columns line up whatever the content)."""
+    cells = [[_fmt(v) for v in r] for r in rows[:max_rows]]
+    caps = [28] * (len(header) - 1) + [64]  # the last column may hold a sentence
+    widths = [min(max([len(h)] + [len(r[i]) for r in cells]), cap) for i, (h, cap) in enumerate(zip(header, caps))]
+
+    def line(vals):
+        return "  ".join(str(v)[:w].ljust(w) for v, w in zip(vals, widths))
+
+    out = [line(header), "  ".join("-" * w for w in widths)] + [line(r) for r in cells]
+    if not rows:
+        out.append(empty)
+    elif len(rows) > max_rows:
+        out.append(f"... {len(rows) - max_rows} more rows{note_more}")
+    ax.axis("off")
+    ax.set_title(title, loc="left", fontsize=9, fontweight="bold")
+    size = 6.5 if sum(widths) + 2 * len(widths) < 125 else 5.5
+    ax.text(0, 1, "\n".join(out), va="top", ha="left", fontsize=size, family="monospace", transform=ax.transAxes)
+
+
+def _text(ax, lines: list[str], title: str | None = None, size: float = 8) -> None:
+    ax.axis("off")
+    if title:
+        ax.set_title(title, loc="left", fontsize=10, fontweight="bold")
+    wrapped = [w for line in lines for w in (textwrap.wrap(line, 120, subsequent_indent="    ") or [""])]
+    ax.text(0, 1, "\n".join(wrapped), va="top", ha="left", fontsize=size, family="monospace", transform=ax.transAxes)
+
+
+def _page(title: str, table_share: float = 0.45) -> tuple[Figure, list]:
+    fig = Figure(figsize=PAGE)
+    fig.suptitle(title, fontsize=13, x=0.05, ha="left", y=0.985)
+    top = fig.add_axes((0.05, 1 - 0.05 - table_share * 0.9, 0.9, table_share * 0.9))
+    bottom = fig.add_axes((0.05, 0.06, 0.9, 0.9 * (1 - table_share) - 0.06))
+    return fig, [top, bottom]
+
+
+def _figure_into(ax, name: str, a: dict) -> str:
+    """Figure ``name`` as an image inside ``ax`` (the PNG already saved beside the analysis
+    when there is one, else drawn now); returns its caption."""
+    import io
+
+    import matplotlib.image as mpimg
+
+    fig, caption = FIGURES[name](a)  # the caption always comes from the data
+    saved = Path(a["_figures_dir"]) / f"{name}.png" if a.get("_figures_dir") else None
+    if saved is not None and saved.is_file():
+        img = mpimg.imread(saved)
+    else:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=150)
+        buf.seek(0)
+        img = mpimg.imread(buf)
+    ax.imshow(img)
+    ax.axis("off")
+    ax.text(0, -0.02, "\n".join(textwrap.wrap(f"Figure ({name}): {caption}", 130)), fontsize=7, va="top",
+            transform=ax.transAxes)
+    return caption
+
+
+# --------------------------------------------------------------------------- sections
+
+def study_page(a: dict) -> Figure:
+    fig = Figure(figsize=PAGE)
+    fig.suptitle("Critical weight analysis: research summary", fontsize=14, x=0.05, ha="left", y=0.985)
+    ax = fig.add_axes((0.05, 0.05, 0.9, 0.9))
+    c = a["cells"]
+    lines = [f"Created {a.get('created_utc')} from {', '.join(map(str, a.get('inputs') or []))}",
+             f"Cells analysed: {c['n_loaded']}; skipped (not finished): {c['n_skipped']}", ""]
+    for s in c["skipped"][:8]:
+        lines.append(f"  skipped {s['cell']}: {s['status']} {s.get('error') or ''}")
+    lines += ["", "Models:"]
+    for m in a["models"]:
+        lines.append(f"  {m['model_name']} ({m['model_type']}, {m['n_layers']} layers, {m['n_params']} parameters): "
+                     f"metrics {', '.join(m['metrics'])}; K {', '.join(map(str, m['ks']))}; modes {', '.join(m['modes'])}")
+    table = c["table"]
+    lines += ["", "Settings: parameter types " + "; ".join(sorted({r["param_types"] for r in table})) +
+              "; perturbations " + ", ".join(sorted({r["perturbation"] for r in table})) +
+              "; seeds " + "; ".join(sorted({r["seeds"] for r in table})) +
+              f"; {len({r['variant'] for r in table})} variant(s) of the remaining settings (see cells.parquet)"]
+    lines += ["", f"Evaluation protocols ({len(a['protocols'])}):"]
+    for p in a["protocols"]:
+        lines.append(f"  {p['id']}: {p['label']}" + (" (derived from older fields)" if p["derived_from_older_fields"] else "")
+                     + f"; {len(p['cells'])} cells")
+    lines += ["", a["conventions"]["pooling"] + ".", a["conventions"]["numbers"] + "."]
+    o = a["options"]["compare"]
+    lines += ["", f"Intervals: percentile bootstrap over seeds, {o['n_boot']} resamples, seed {o['boot_seed']}, "
+                  f"{o['level']:.0%}. Paired test: {(a['paired_tests'] or [{}])[0].get('test', 'none run')}. "
+                  f"Critical K threshold: {o['threshold']:g}x."]
+    lines += ["", "Cells:"] + [f"  {r['cell']}: {r['model_name']} {r['metric']} K={r['k']} {r['mode']} "
+                               f"{r['perturbation']} seeds {r['seeds']} [{r['protocol']}]" for r in c["table"][:40]]
+    if len(c["table"]) > 40:
+        lines.append(f"  ... {len(c['table']) - 40} more (cells.parquet)")
+    if a.get("warnings"):
+        lines += ["", "Warnings:"] + [f"  {w}" for w in a["warnings"][:10]]
+    _text(ax, lines, size=7)
+    return fig
+
+
+def ratios_page(a: dict) -> Figure:
+    fig, (t, f) = _page("Perplexity ratios by selection")
+    groups: dict[tuple, dict] = {}
+    for r in a["ratios"]:
+        key = (r["model_name"], r["metric"], r["k"], r["mode"], r["perturbation"], r["protocol"])
+        groups.setdefault(key, {})[r["selection"]] = r
+    rows = []
+    for key, sel in groups.items():
+        cols = []
+        for s in ("top_k", "random_k", "bottom_k"):
+            r = sel.get(s)
+            cols += ["-", "-"] if r is None else [r["mean"], _ci(r["ci"])]
+        n = max(r["n_seeds"] for r in sel.values())
+        bad = sum(r["n_inf"] for r in sel.values()), sum(len(r["missing"]) for r in sel.values())
+        rows.append([*key, n, *cols, f"{bad[0]}/{bad[1]}"])
+    _table(t, ["model", "metric", "K", "mode", "perturb", "prot", "seeds", "top_k", "95% CI", "random_k", "95% CI",
+               "bottom_k", "95% CI", "inf/miss"], rows,
+           "Mean perplexity ratio over seeds (perturbed / baseline), bootstrap 95% intervals", " in ratios.parquet")
+    _figure_into(f, "ratios_by_selection", a)
+    return fig
+
+
+def dose_page(a: dict) -> Figure:
+    fig, (t, f) = _page("Top-K against random-K, and damage against K")
+    rows = [[p["model_name"], p["metric"], p["k"], p["mode"], p["control"], p["n"], p.get("mean_log_diff"), p["p_value"],
+             p.get("wilcoxon_p"), p["verdict"]] for p in a["paired_tests"] if p["control"] == "random_k"]
+    crit = [[d["model_name"], d["metric"], d["mode"], d["perturbation"], ",".join(map(str, d["ks"])),
+             d["critical"]["critical_k"], d["critical"]["bound"],
+             "-" if not d["critical"]["bracket"] else "-".join(_fmt(b) for b in d["critical"]["bracket"]),
+             d["random_k_at_critical"]] for d in a["dose_response"]]
+    t.axis("off")
+    sub1, sub2 = t.inset_axes((0, 0.42, 1, 0.58)), t.inset_axes((0, 0.0, 1, 0.36))
+    test = (a["paired_tests"] or [{"test": "none run"}])[0]["test"]
+    _table(sub1, ["model", "metric", "K", "mode", "control", "n", "mean dlog", "p", "Wilcoxon p", "verdict"], rows,
+           "Paired test of top_k against random_k over seeds", " (and bottom_k) in paired_tests.parquet", max_rows=16)
+    sub1.text(0, 1.0, f"test: {test}", fontsize=6.5, va="bottom", transform=sub1.transAxes)
+    _table(sub2, ["model", "metric", "mode", "perturb", "K measured", "critical K", "bound", "bracket", "random_k there"],
+           crit, f"Critical K: smallest K whose top-K ratio (geometric mean) reaches "
+                 f"{a['options']['compare']['threshold']:g}x, log-log interpolated", " in dose_response.parquet", max_rows=10)
+    _figure_into(f, "dose_response", a)
+    return fig
+
+
+def stability_page(a: dict) -> Figure:
+    fig, (t, f) = _page("Stability of the top-K sets across seeds")
+    rows = [[s["model_name"], s["metric"], s["k"], s["mode"], s["jaccard"]["n"], s["jaccard"]["mean"], s["jaccard"]["min"],
+             s["jaccard"]["max"], s["spearman"]["mean"], "yes (1.0 by construction)" if s["data_independent"] else "no",
+             ",".join(s["sources"])] for s in a["stability"]]
+    _table(t, ["model", "metric", "K", "mode", "pairs", "Jaccard mean", "min", "max", "Spearman", "data-independent",
+               "source"], rows, "Jaccard and Spearman over seed pairs", " in stability.parquet")
+    _figure_into(f, "stability_vs_k", a)
+    return fig
+
+
+def agreement_page(a: dict) -> Figure:
+    fig, (t, f) = _page("Do the metrics agree?")
+    sp = a["metric_agreement"]["spearman"]
+    ov = a["metric_agreement"]["topk_overlap"]
+    rows = [[s["model_name"], "Spearman (sample)", "-", "-", s["metric_a"], s["metric_b"], s["rho"]["n"], s["rho"]["mean"],
+             s["rho"]["min"], s["rho"]["max"]] for s in sp]
+    rows += [[o["model_name"], "top-K Jaccard", o["k"], o["mode"], o["metric_a"], o["metric_b"], o["jaccard"]["n"],
+              o["jaccard"]["mean"], o["jaccard"]["min"], o["jaccard"]["max"]] for o in ov]
+    _table(t, ["model", "measure", "K", "mode", "metric a", "metric b", "seeds", "mean", "min", "max"], rows,
+           "Metric agreement on the same model", " in metric_spearman.parquet / topk_overlap.parquet")
+    _figure_into(f, "metric_agreement", a)
+    return fig
+
+
+def location_page(a: dict) -> Figure:
+    fig, (t, f) = _page("Where the top-K weights live", table_share=0.3)
+    tests = a["location"]["chi_square"]
+    rows = [[x["metric"], x["k"], x["mode"], x["axis"], x["model_a"].split("/")[-1], x["model_b"].split("/")[-1],
+             x.get("chi2"), x.get("dof"), x["p_value"], x.get("cramers_v")] for x in tests]
+    _table(t, ["metric", "K", "mode", "by", "model a", "model b", "chi2", "dof", "p", "Cramer's V"], rows,
+           "Do two models distribute their top-K weights alike? (chi-square test of homogeneity)",
+           " in location_tests.parquet")
+    if a["location"].get("note"):
+        t.text(0, 0.0, "\n".join(textwrap.wrap("Note: " + a["location"]["note"], 140)), fontsize=7, va="bottom",
+               transform=t.transAxes)
+    sub = f.inset_axes((0, 0.56, 1, 0.44))
+    sub2 = f.inset_axes((0, 0.04, 1, 0.42))
+    f.axis("off")
+    _figure_into(sub, "param_type_by_model", a)
+    _figure_into(sub2, "layer_profile", a)
+    return fig
+
+
+def recurring_page(a: dict) -> Figure:
+    fig, (t, b) = _page("Recurring coordinates and super weights", table_share=0.5)
+    lines = a["recurring"]["lines"]
+    rows = [[x["model_name"], x["metric"], x["k"], x["mode"], x["parameter"].replace("model.layers.", "L"), x["axis"],
+             x["index"], f"{x['seeds_flagged']}/{x['n_seeds']}", x["count_mean"], x["share_mean"], x["enrichment_max"]]
+            for x in lines]
+    _table(t, ["model", "metric", "K", "mode", "tensor", "axis", "index", "seeds", "count", "share", "enrichment"], rows,
+           "Rows/columns holding many top-K weights", " in recurring_lines.parquet",
+           empty="(none found)" if a["cells"]["n_loaded"] else "(nothing measured)")
+    txt = [a["recurring"]["rule"] + ".", ""]
+    cross = a["recurring"]["across_metrics"]
+    txt.append(f"Lines flagged by several metrics: {len(cross)}")
+    txt += [f"  {c['model_name']} {c['parameter']} {c['axis']} {c['index']}: {', '.join(c['metrics'])}" for c in cross[:8]]
+    sw = a["super_weights"]["candidates"]
+    txt += ["", f"Super-weight candidates: {len(sw) if sw else 'detection did not run (no super_weights.json)'}"]
+    for c in (sw or [])[:10]:
+        tops = "; ".join(f"{t['metric']} K={t['k']} {t['mode']}: {len(t['seeds_in_top_k'])}/{t['seeds_ranked']} seeds"
+                         for t in c["in_top_k"])
+        txt.append(f"  {c['model_name']} layer {c['layer']} {c['module']} [{c['row']}, {c['col']}] value {_fmt(c['value'])}"
+                   f", zeroed ratio {_fmt(c['ratio_zeroed'])} (random {_fmt(c['ratio_random'])}); in top-K: {tops or '-'}")
+    for p in a["super_weights"]["published"]:
+        n = {k: len(p.get(k) or []) for k in ("found", "missed", "new")}
+        txt.append(f"  published coordinates of {p.get('hf_id')}: {n['found']} found, {n['missed']} missed; "
+                   f"{n['new']} candidates not published")
+    _text(b, txt, size=7)
+    return fig
+
+
+def hypotheses_page(a: dict) -> Figure:
+    fig = Figure(figsize=PAGE)
+    fig.suptitle("Seed hypotheses, checked", fontsize=13, x=0.05, ha="left", y=0.985)
+    ax = fig.add_axes((0.05, 0.04, 0.9, 0.92))
+    lines = []
+    for h in a["hypotheses"]:
+        lines.append(f"{h['id']} [{h['verdict'].upper()}] {h['statement']}")
+        lines.append(f"    rule: {h['rule']}")
+        lines.append(f"    {h.get('summary') or h.get('why')}")
+        for c in sorted(h["cases"], key=lambda c: c["holds"])[:4]:  # failing cases first
+            nums = ", ".join(f"{k}={_fmt(v)}" for k, v in c.items() if k not in ("cells", "holds", "protocol", "ci")
+                             and not isinstance(v, (list, dict)))
+            lines.append(f"      {'holds' if c['holds'] else 'fails'}: {nums} ({len(c['cells'])} cells)")
+        if len(h["cases"]) > 4:
+            lines.append(f"      ... {len(h['cases']) - 4} more cases in the JSON")
+        for c in h.get("excluded", [])[:2]:
+            lines.append(f"      excluded: {c['model']} {c['metric']} K={c['k']}: {c['why']}")
+        lines.append("")
+    _text(ax, lines, size=6.5)
+    return fig
+
+
+SECTIONS: dict[str, Callable[[dict], Figure]] = {
+    "Study, settings and protocols": study_page,
+    "Perplexity ratios": ratios_page,
+    "Paired tests and critical K": dose_page,
+    "Stability": stability_page,
+    "Metric agreement": agreement_page,
+    "Where the top-K weights live": location_page,
+    "Recurring coordinates and super weights": recurring_page,
+    "Hypotheses": hypotheses_page,
+}
+
+
+def write_report(analysis: dict, pdf_path: str | Path, *, figures_dir: str | Path | None = None) -> Path:
+    """One page per section of :data:`SECTIONS` into ``pdf_path`` (from :func:`analysis.analyze`'s
+    dict or a loaded statistical_analysis.json). ``figures_dir``: the PNGs the analysis saved
+    (its ``figures/``), embedded instead of drawn again."""
+    a = clean(analysis)
+    a["_figures_dir"] = str(figures_dir) if figures_dir else None
+    path = Path(pdf_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with PdfPages(path, metadata={"Title": "Critical weight analysis: research summary", "Creator": "cwa analysis"}) as pdf:
+        for name, page in SECTIONS.items():
+            pdf.savefig(page(a))
+            log.info("report page: %s", name)
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m analysis.report", description=__doc__.split("\n\n")[0])
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--input-dirs", nargs="+", metavar="DIR", help="result folders or sweep roots (analysed now)")
+    src.add_argument("--analysis", metavar="JSON", help="a statistical_analysis.json written by analysis.cross_model")
+    ap.add_argument("--output", required=True, help="the PDF to write")
+    ap.add_argument("--analysis-output", metavar="JSON",
+                    help="with --input-dirs: also write the analysis JSON, tables and figures here")
+    ap.add_argument("-q", "--quiet", action="store_true")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    try:
+        if args.analysis:
+            p = Path(args.analysis)
+            if not p.is_file():
+                ap.error(f"--analysis: no such file {args.analysis!r}")
+            a = json.loads(p.read_text())
+            figures = p.parent / "figures"
+        else:
+            from .cross_model import analyze
+
+            a = analyze(args.input_dirs, output=args.analysis_output)
+            figures = Path(args.analysis_output).parent / "figures" if args.analysis_output else None
+    except (FileNotFoundError, ValueError) as e:
+        ap.error(str(e))
+    write_report(a, args.output, figures_dir=figures)
+    log.info("wrote %s (%d pages)", args.output, len(SECTIONS))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
