@@ -19,9 +19,11 @@ import logging
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
 log = logging.getLogger("cwa")
 
 
@@ -50,10 +52,11 @@ def _str_list(text: str) -> list[str]:
 def build_parser() -> OneLineParser:
     from cwa_core.architectures import DEFAULT_PARAM_TYPES
     from cwa_core.config import DTYPES
-    from cwa_core.data import BOS_LAYOUTS
+    from cwa_core.data import BOS_LAYOUTS, PROTOCOLS
     from cwa_core.metrics import METRICS
     from cwa_core.perturb import PERTURBATIONS
     from cwa_core.selection import MODES
+    from cwa_core.superweights import SuperWeightOptions as SW
 
     p = OneLineParser(prog="orchestrator.py", description=__doc__.split("\n")[0],
                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -63,8 +66,13 @@ def build_parser() -> OneLineParser:
     p.add_argument("--mode", default="per_layer", choices=list(MODES))
     p.add_argument("--max-samples", type=int, default=30, help="calibration windows")
     p.add_argument("--max-length", type=int, default=128, help="tokens per calibration window")
-    p.add_argument("--eval-samples", type=int, default=64, help="held-out evaluation windows")
-    p.add_argument("--eval-length", type=int, default=None, help="tokens per evaluation window (default --max-length)")
+    p.add_argument("--eval-samples", type=int, default=None,
+                   help="evaluation windows (protocol heldout: the last N of the evaluation text, default 64)")
+    p.add_argument("--eval-length", type=int, default=None,
+                   help="tokens per evaluation window (default: heldout --max-length; published min(2048, context))")
+    p.add_argument("--protocol", default="heldout", choices=list(PROTOCOLS),
+                   help="how perplexity is measured: heldout (quick, held-out tail) or published (whole test "
+                        "text, calibration from a training text; comparable with the literature)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto", choices=list(DTYPES))
     p.add_argument("--perturb", default="sign_flip", choices=PERTURBATIONS.names())
@@ -84,6 +92,19 @@ def build_parser() -> OneLineParser:
     p.add_argument("--micro-batch", type=int, default=None, help="calibration windows per forward pass")
     p.add_argument("--eval-batch-size", type=int, default=8)
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+    p.add_argument("--hf-id", default=None,
+                   help="the Hugging Face id of a local model copy (published super weights are matched on it)")
+    sw = p.add_argument_group("super weights (activation-spike detection, causal test, ranks under --metric)")
+    sw.add_argument("--detect-super-weights", action="store_true", help="write super_weights.json and its figure")
+    sw.add_argument("--super-out-ratio", type=float, default=SW.out_ratio,
+                    help="down-projection |output| spike over its layer's median")
+    sw.add_argument("--super-in-ratio", type=float, default=SW.in_ratio,
+                    help="down-projection |input| spike over its layer's median")
+    sw.add_argument("--super-out-floor", type=float, default=SW.out_floor, help="absolute floor of the output spike")
+    sw.add_argument("--super-in-floor", type=float, default=SW.in_floor, help="absolute floor of the input spike")
+    sw.add_argument("--super-max-rounds", type=int, default=SW.max_rounds, help="zero what was found, look again")
+    sw.add_argument("--super-windows", type=int, default=8, help="prompts: the first N held-out evaluation windows")
+    sw.add_argument("--super-prompt", default=None, help="or one prompt text (the published method)")
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--out-dir", help="output folder (with --sweep: results root, default results/<name>)")
     p.add_argument("--sweep", help="YAML sweep file: run its whole grid on Ray")
@@ -111,15 +132,7 @@ def config_from_args(args: argparse.Namespace):
     try:
         return ExperimentConfig(**kwargs)
     except ConfigError as e:
-        raise UsageError(f"{flag(e.key)}: {str(e).split(': ', 1)[1]}") from None
-
-
-def demo_paths() -> tuple[str, str]:
-    """(model dir, corpus file) of the built-in demo, trained and cached at first use."""
-    from cwa_core.demo import ensure_demo_assets
-
-    assets = ensure_demo_assets(progress=True)
-    return str(assets.model_dir), str(assets.corpus_path)
+        raise UsageError(_flag_message(e)) from None
 
 
 def run_sweep(args: argparse.Namespace) -> int:
@@ -131,7 +144,9 @@ def run_sweep(args: argparse.Namespace) -> int:
         raise UsageError(f"{flag(single[0])}: with --sweep, settings come from the sweep file; allowed with --sweep: "
                          "--dry-run, --address, --tracking-uri, --out-dir, --num-cpus, --dashboard, --no-progress")
     try:
-        sweep = sweep_spec.load(args.sweep, demo_paths_fn=None if args.dry_run else demo_paths)
+        sweep = sweep_spec.load(args.sweep)
+        if not args.dry_run:
+            sweep = sweep_spec.prepare(sweep)
     except sweep_spec.SpecError as e:
         raise UsageError(str(e)) from None
     if args.dry_run:
@@ -141,62 +156,93 @@ def run_sweep(args: argparse.Namespace) -> int:
         print(f"{counts['cells']} cells over {counts['models']} model(s): {counts['baselines']} baseline evaluation(s), "
               f"{counts['scoring_passes']} scoring pass(es), {counts['evaluations']} perturbed evaluations")
         return 0
-    from cwa_core.sweep.runner import SweepRunner
+    from cwa_core.sweep.runner import SweepBusyError, SweepRunner
 
     root = Path(args.out_dir) if args.out_dir else Path("results") / sweep.name
-    manifest = SweepRunner(sweep, root, address=args.address, tracking_uri=args.tracking_uri,
-                           progress=not args.no_progress, num_cpus=args.num_cpus,
-                           dashboard=args.dashboard).run()
+    runner = SweepRunner(sweep, root, address=args.address, tracking_uri=args.tracking_uri,
+                         progress=not args.no_progress, num_cpus=args.num_cpus, dashboard=args.dashboard)
+    try:
+        manifest = runner.run()
+    except SweepBusyError as e:
+        raise UsageError(f"--out-dir: {e}") from None
+    except KeyboardInterrupt:
+        cells = runner.manifest.get("cells", {})
+        n_done = sum(c["status"] == "finished" for c in cells.values())
+        print(f"sweep {sweep.name}: interrupted; {n_done}/{len(cells)} cells finished and kept in {root}; "
+              "run the same command again to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    _sweep_summary(root, sweep)
     cells = manifest["cells"]
     n_done = sum(c["status"] == "finished" for c in cells.values())
-    n_failed = sum(c["status"] == "failed" for c in cells.values())
-    print(f"sweep {sweep.name}: {n_done}/{len(cells)} cells finished, {n_failed} failed; "
-          f"results in {root}" + (f"; MLflow: {manifest['mlflow']['tracking_uri']}" if "mlflow" in manifest else ""))
-    _sweep_summary(root, sweep)
-    return 0 if n_failed == 0 else 1
+    failed = [cid for cid, c in cells.items() if c["status"] == "failed"]
+    where = f"results in {root}" + (f"; MLflow: {manifest['mlflow']['tracking_uri']}" if "mlflow" in manifest else "")
+    if failed:
+        print(f"sweep {sweep.name}: {n_done}/{len(cells)} cells finished, {len(failed)} FAILED "
+              f"(errors in {root / 'sweep_manifest.json'} and {root}/<cell>/error.txt: "
+              f"{', '.join(failed[:5])}{', ...' if len(failed) > 5 else ''}); run the same command again to retry them; "
+              f"{where}")
+        return 1
+    print(f"sweep {sweep.name}: {n_done}/{len(cells)} cells finished, 0 failed; {where}")
+    return 0
 
 
 def _sweep_summary(root: Path, sweep) -> None:
+    """One line per finished cell: its mean ratio per selection (inf where a seed overflowed)."""
     import json
 
-    from cwa_core.experiment import ratios_by_selection
+    from cwa_core.experiment import mean_ratio, ratios_by_selection
 
     for cell in sweep.cells:
         f = root / cell.id / "perturbation_results.json"
         if not f.exists():
             continue
         res = json.loads(f.read_text())
-        ratios = "  ".join(f"{k} x{sum(v) / len(v):.3f}" for k, v in ratios_by_selection(res["results"]).items())
+        ratios = "  ".join(f"{k} x{mean_ratio(v):.3f}" for k, v in ratios_by_selection(res["results"]).items())
         c = cell.config
         print(f"  {cell.id}  {c.metric:14s} {c.mode:9s} K={c.topk:<6d} {c.perturb:10s} {ratios}")
 
 
 def run_single(args: argparse.Namespace) -> int:
     from cwa_core.config import ConfigError
-    from cwa_core.experiment import DataError, run_experiment
+    from cwa_core.demo import resolve_builtin, uses_builtin
+    from cwa_core.experiment import BaselineError, run_experiment
     from cwa_core.models import ModelLoadError, load_model
     from cwa_core.outputs import write_experiment, write_failure
+    from cwa_core.preflight import Preflight
 
-    if "builtin:demo" in (args.model, args.data_file, args.eval_file):
-        model_dir, corpus = demo_paths()
-        for key, value in (("model", model_dir), ("data_file", corpus), ("eval_file", corpus)):
-            if getattr(args, key) == "builtin:demo":
-                setattr(args, key, value)
     cfg = config_from_args(args)
     if (Path(cfg.out_dir) / "manifest.json").exists() and not args.overwrite:
         raise UsageError(f"--out-dir: {cfg.out_dir} already holds an experiment (manifest.json); "
                          "choose another folder or pass --overwrite")
+    pf = Preflight()
+    try:  # every check before any work: the model's config, then (demo built) the data
+        cfg = pf.resolve(cfg)
+        pf.check_model(cfg)
+        if uses_builtin(cfg.to_dict()):
+            cfg = replace(cfg, **{k: v for k, v in resolve_builtin(cfg.to_dict()).items()
+                                  if k in ("model", "data_file", "eval_file")})
+            pf.check_model(cfg)
+        data = pf.check_data(cfg)
+    except ConfigError as e:
+        raise UsageError(_flag_message(e)) from None
     started = time.perf_counter()
     try:
         loaded = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, revision=cfg.revision,
                             trust_remote_code=cfg.trust_remote_code)
-    except (ModelLoadError, ConfigError, ValueError) as e:
+    except (ModelLoadError, ValueError) as e:
         raise UsageError(f"--model: {e}") from None
     load_s = time.perf_counter() - started
     try:
-        result = run_experiment(cfg, loaded.model, loaded.tokenizer, progress=not args.no_progress)
-    except DataError as e:
-        raise UsageError(str(e)) from None
+        info = loaded.info
+        result = run_experiment(cfg, loaded.model, loaded.tokenizer, progress=not args.no_progress, data=data,
+                                model_id=info.model_id, hf_id=cfg.hf_id or (info.model_id if info.source == "hub" else None),
+                                dtype=info.dtype)
+    except ConfigError as e:  # a metric that cannot score a tensor of this model, say
+        raise UsageError(_flag_message(e)) from None
+    except BaselineError as e:
+        write_failure(cfg.out_dir, cfg.to_dict(), e, started)
+        print(f"orchestrator.py: failed: {e}; details in {Path(cfg.out_dir) / 'manifest.json'}", file=sys.stderr)
+        return 1
     except BaseException as e:
         write_failure(cfg.out_dir, cfg.to_dict(), e, started)
         raise
@@ -208,13 +254,18 @@ def run_single(args: argparse.Namespace) -> int:
     return 0
 
 
+def _flag_message(e) -> str:
+    """A ConfigError's one line, the setting named as the flag the user typed."""
+    return f"{flag(e.key)}: {str(e).split(': ', 1)[1]}"
+
+
 def _summary(result, manifest: dict, out_dir: str) -> None:
-    from cwa_core.experiment import ratios_by_selection
+    from cwa_core.experiment import mean_ratio, ratios_by_selection
 
     b = result.baseline
     print(f"baseline perplexity {b.ppl:.4f} ({b.n_windows} windows x {b.window_length} tokens)")
     for kind, ratios in ratios_by_selection(result.results).items():
-        print(f"  {kind:9s} ppl ratio mean {sum(ratios) / len(ratios):10.4f}  per seed " +
+        print(f"  {kind:9s} ppl ratio mean {mean_ratio(ratios):10.4f}  per seed " +
               ", ".join(f"{x:.4f}" for x in ratios))
     if result.stability:
         j = result.stability["jaccard"]
@@ -230,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"orchestrator.py: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:  # a sweep says more itself; a single experiment recorded its failure
+        print("orchestrator.py: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -68,26 +68,70 @@ def tokenize(tokenizer, text: str, *, layout: str = "window", source: str = "") 
             raise ValueError("document layout needs a tokenizer with a BOS token")
         docs = [d for d in text.split("\n\n") if d.strip()]
         ids: list[int] = []
-        for enc in tokenizer(docs, add_special_tokens=False)["input_ids"]:
+        for enc in tokenizer(docs, add_special_tokens=False, verbose=False)["input_ids"]:
             ids.append(bos)
             ids.extend(enc)
     else:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]  # a corpus, not a prompt: longer than the context
     if not ids:
         raise ValueError(f"text from {source or 'input'} tokenizes to nothing")
     return TokenStream(torch.tensor(ids, dtype=torch.long), bos, layout, source)
 
 
+class TextFileError(ValueError):
+    """A text file that cannot be used: unreadable, not UTF-8, or empty (one-line message)."""
+
+
 def read_text(path: str | Path) -> str:
-    return Path(path).read_text(encoding="utf-8")
+    """The file's text, strictly UTF-8; a one-line :class:`TextFileError` otherwise."""
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise TextFileError(f"cannot read {str(path)!r} ({type(e).__name__}: {e.strerror or e})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise TextFileError(f"{str(path)!r} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+                            "convert it, e.g. iconv -t UTF-8") from None
+    if not text.strip():
+        raise TextFileError(f"{str(path)!r} holds no text")
+    return text
 
 
-def load_wikitext2_test() -> str:
-    """WikiText-2 raw test split through ``datasets`` (needs the network), joined as usual."""
+def load_wikitext2(split_name: str = "test") -> str:
+    """A WikiText-2 raw split through ``datasets`` (needs the network), joined as usual."""
     from datasets import load_dataset  # optional dependency, only where the network allows
 
-    ds = load_dataset("wikitext", "wikitext-2-raw-v1", split="test")
+    ds = load_dataset("wikitext", "wikitext-2-raw-v1", split=split_name)
     return "\n\n".join(ds["text"])
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """A named way of measuring perplexity; its name and settings go with every number."""
+
+    name: str
+    all_windows: bool  # evaluate every window of the evaluation text (else the last eval_samples)
+    separate_calibration: bool  # calibrate on another text than the one evaluated
+    default_eval_samples: int | None  # None: every window
+    max_default_window: int | None  # default window: min(this, context); None: max_length
+    use: str  # when to use it (the README's table)
+
+
+PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (
+    Protocol("heldout", all_windows=False, separate_calibration=False, default_eval_samples=64,
+             max_default_window=None,
+             use="the last eval_samples windows (default 64) of eval_length tokens (default max_length) of the "
+                 "evaluation text (default: the tail of the calibration text, which calibration never touches): "
+                 "quick, honest held-out numbers for comparing selections, metrics and models measured the same way"),
+    Protocol("published", all_windows=True, separate_calibration=True, default_eval_samples=None,
+             max_default_window=2048,
+             use="every window of eval_length tokens (default min(2048, the model's context)) of the whole "
+                 "evaluation text (default WikiText-2 test), calibration from a separate training text (default "
+                 "WikiText-2 train): the convention of published WikiText-2 perplexities, for checking baselines "
+                 "against the literature"),
+)}
 
 
 @dataclass(frozen=True)
@@ -101,6 +145,7 @@ class DataSplit:
     eval_starts: torch.Tensor  # (n_eval,) stream offsets of the evaluation windows
     calib_end: int  # calibration windows lie wholly in calib.tokens[:calib_end]
     shared: bool  # calibration and evaluation come from the same stream
+    protocol: dict | None = None  # name and settings of the evaluation protocol (recorded with every number)
 
     @property
     def n_eval(self) -> int:
@@ -142,6 +187,7 @@ class DataSplit:
             "eval_tokens_scored": self.n_eval * (self.eval_length - 1),
             "calib_pool_tokens": self.calib_end,
             "shared_stream": self.shared,
+            "protocol": self.protocol,
         }
 
 
@@ -159,12 +205,18 @@ def split(
     ev = calib if shared else held_out
     total = ev.n_windows(eval_length)
     if total == 0:
-        raise ValueError(f"evaluation text from {ev.source!r} is shorter than one {eval_length}-token window")
+        raise ValueError(f"evaluation text from {ev.source!r} ({len(ev):,} tokens) is too short for one "
+                         f"{eval_length}-token window; give a longer text or shorter windows")
+    room = total if not shared else total - 1  # a shared stream keeps one window for calibration
     if n_eval is None:
         n_eval = total if not shared else total // 2
-    n_eval = min(n_eval, total if not shared else max(total - 1, 0))
-    if n_eval <= 0:
-        raise ValueError(f"text from {ev.source!r} is too short to hold out evaluation windows")
+    if room <= 0 or n_eval <= 0:
+        raise ValueError(f"text from {ev.source!r} ({len(ev):,} tokens) is too short to hold out an evaluation "
+                         f"window of {eval_length} tokens")
+    if n_eval > room:  # never silently fewer windows than asked: the protocol would change unseen
+        raise ValueError(f"{n_eval} evaluation windows of {eval_length} tokens do not fit in the text from "
+                         f"{ev.source!r} ({len(ev):,} tokens: {room} fit" + (", one kept for calibration" if shared else "")
+                         + "); lower the evaluation windows or their length, or give a longer text")
     c = ev.content_len(eval_length)
     first = total - n_eval
     eval_starts = torch.arange(first, total, dtype=torch.long) * c

@@ -344,6 +344,45 @@ def _clear_damaged(cache_dir: Path) -> bool:
     return _is_complete(cache_dir)
 
 
+def demo_config(recipe: DemoRecipe = DEMO_RECIPE, *, vocab_size: int | None = None) -> Any:
+    """The demo model's ``LlamaConfig``, known before anything is trained (its shapes and context
+    let the command check settings at once, before the first-use build)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size or recipe.vocab_size,
+        hidden_size=recipe.hidden_size,
+        intermediate_size=recipe.intermediate_size,
+        num_hidden_layers=recipe.num_hidden_layers,
+        num_attention_heads=recipe.num_attention_heads,
+        num_key_value_heads=recipe.num_key_value_heads,
+        max_position_embeddings=recipe.max_position_embeddings,
+        tie_word_embeddings=True,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+    )
+
+
+#: Stands for the demo model (``model``) or its corpus (``data_file``, ``eval_file``).
+BUILTIN = "builtin:demo"
+BUILTIN_KEYS = ("model", "data_file", "eval_file")
+
+
+def uses_builtin(values: dict) -> bool:
+    """Whether any of ``values`` (settings by name) names the built-in demo."""
+    return any(values.get(k) == BUILTIN for k in BUILTIN_KEYS)
+
+
+def resolve_builtin(values: dict, assets: "DemoAssets | None" = None) -> dict:
+    """``values`` with ``builtin:demo`` replaced by the demo model folder or corpus file,
+    building (once, cached) the demo first when it is needed and ``assets`` is not given."""
+    if not uses_builtin(values):
+        return dict(values)
+    assets = assets or ensure_demo_assets(progress=True)
+    where = {"model": str(assets.model_dir), "data_file": str(assets.corpus_path), "eval_file": str(assets.corpus_path)}
+    return {k: (where[k] if k in where and v == BUILTIN else v) for k, v in values.items()}
+
+
 def ensure_demo_assets(cache_dir: Path | None = None, *, progress: bool = True) -> DemoAssets:
     """Return the demo model and corpus, building them first if not cached.
 
@@ -461,7 +500,7 @@ def _build(out: Path, recipe: DemoRecipe, *, progress: bool) -> None:
     import tokenizers
     import torch
     import transformers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
     t_start = time.perf_counter()
     corpus = build_demo_corpus()
@@ -494,18 +533,7 @@ def _build(out: Path, recipe: DemoRecipe, *, progress: bool) -> None:
     tok_config["tokenizer_class"] = "PreTrainedTokenizerFast"
     tok_config_path.write_text(json.dumps(tok_config, indent=2) + "\n", encoding="utf-8")
 
-    config = LlamaConfig(
-        vocab_size=raw_tok.get_vocab_size(),
-        hidden_size=recipe.hidden_size,
-        intermediate_size=recipe.intermediate_size,
-        num_hidden_layers=recipe.num_hidden_layers,
-        num_attention_heads=recipe.num_attention_heads,
-        num_key_value_heads=recipe.num_key_value_heads,
-        max_position_embeddings=recipe.max_position_embeddings,
-        tie_word_embeddings=True,
-        bos_token_id=BOS_ID,
-        eos_token_id=EOS_ID,
-    )
+    config = demo_config(recipe, vocab_size=raw_tok.get_vocab_size())
 
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(recipe.num_threads)

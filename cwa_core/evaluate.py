@@ -56,4 +56,23 @@ def perplexity(
         total += nll_sum(logits_of(model, ids), ids).double()
     n_tokens = n * (length - 1)
     nll = total.item() / n_tokens
-    return Perplexity(math.exp(nll), nll, n_tokens, n, length)
+    return Perplexity(ppl_of_nll(nll), nll, n_tokens, n, length)
+
+
+def ppl_of_nll(nll: float) -> float:
+    """exp(nll), and +inf where that overflows: a perturbation (an exponent bit flip in fp16 or
+    bf16, say) can make the loss explode; NaN stays NaN. Never raises."""
+    if math.isnan(nll):
+        return math.nan
+    try:
+        return math.exp(nll)
+    except OverflowError:
+        return math.inf
+
+
+def finite_status(x: float | None) -> str:
+    """"finite", "inf" or "nan": what a perplexity was, kept beside it because strict JSON turns
+    non-finite numbers into null (and a null must not read as "missing")."""
+    if x is None or math.isnan(x):
+        return "nan"
+    return "finite" if math.isfinite(x) else "inf"

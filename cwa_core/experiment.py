@@ -6,7 +6,9 @@ single-experiment command simply runs them in order.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
+import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -17,41 +19,68 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .architectures import ParamRef, scored_params
-from .config import ExperimentConfig
-from .data import DataSplit, load_wikitext2_test, read_text, split, tokenize
-from .evaluate import Perplexity, model_device, perplexity
+from .config import ConfigError, ExperimentConfig
+from .data import PROTOCOLS, DataSplit, TextFileError, load_wikitext2, read_text, split, tokenize
+from .evaluate import Perplexity, finite_status, model_device, perplexity
 from .metrics import METRICS, ScoreOptions, score
 from .perturb import PerturbSpec, perturbed
 from .selection import KINDS, ScoreCollector, Selection, TensorStats, random_selection, tensor_offsets
 from .stability import jaccard, pairwise, spearman
+from .superweights import CandidateRanks, Coordinate, RankTable, add_ranks, super_weight_study
 
 log = logging.getLogger(__name__)
 
 STABILITY_SAMPLE_SEED = 20240917  # fixed: the same weights are compared across seeds
 
 
-class DataError(ValueError):
-    pass
+class DataError(ConfigError):
+    """The data cannot serve the experiment (missing, unreadable, too short); names the setting."""
+
+
+def _read(cfg: ExperimentConfig, key: str) -> tuple[str, str]:
+    """(text, source) of the data_file / eval_file setting ``key``, or of WikiText-2 through
+    ``datasets`` when it is unset (calibration: the protocol's split; evaluation: test)."""
+    path = getattr(cfg, key)
+    if path:
+        try:
+            return read_text(path), str(path)
+        except TextFileError as e:
+            raise DataError(key, str(e)) from None
+    part = "train" if key == "data_file" and PROTOCOLS[cfg.protocol].separate_calibration else "test"
+    try:
+        return load_wikitext2(part), f"wikitext-2-raw-v1/{part}"
+    except Exception as e:  # no network, no datasets: say so plainly
+        raise DataError(key, f"not given, and WikiText-2 ({part}) could not be loaded through `datasets` "
+                             f"({type(e).__name__}); pass a local text file") from None
 
 
 def load_split(cfg: ExperimentConfig, tokenizer) -> DataSplit:
-    """Tokenize the calibration (and evaluation) text once and plan the windows."""
-    if cfg.data_file:
-        calib_text, calib_src = read_text(cfg.data_file), str(cfg.data_file)
-    else:
-        try:
-            calib_text, calib_src = load_wikitext2_test(), "wikitext-2-raw-v1/test"
-        except Exception as e:  # no network, no datasets: say so plainly
-            raise DataError(
-                f"no --data-file given and WikiText-2 could not be loaded through `datasets` "
-                f"({type(e).__name__}); pass --data-file PATH to a local text file"
-            ) from None
-    calib = tokenize(tokenizer, calib_text, layout=cfg.bos, source=calib_src)
-    ev = None
-    if cfg.eval_file and (not cfg.data_file or Path(cfg.eval_file).resolve() != Path(cfg.data_file).resolve()):
-        ev = tokenize(tokenizer, read_text(cfg.eval_file), layout=cfg.bos, source=str(cfg.eval_file))
-    return split(calib, ev, calib_length=cfg.max_length, eval_length=cfg.resolved_eval_length,
-                 n_eval=cfg.eval_samples)
+    """Tokenize the calibration (and evaluation) text once and plan the windows of ``cfg.protocol``
+    (``cfg`` resolved by :meth:`ExperimentConfig.with_context`)."""
+    proto = PROTOCOLS[cfg.protocol]
+    calib_text, calib_src = _read(cfg, "data_file")
+    texts = {"data_file": calib_text}
+    separate = cfg.eval_file and (not cfg.data_file or Path(cfg.eval_file).resolve() != Path(cfg.data_file).resolve())
+    if proto.separate_calibration or separate:
+        eval_text, eval_src = _read(cfg, "eval_file")
+        texts["eval_file"] = eval_text
+    try:
+        streams = {k: tokenize(tokenizer, t, layout=cfg.bos, source=calib_src if k == "data_file" else eval_src)
+                   for k, t in texts.items()}
+    except ValueError as e:
+        raise DataError("data_file", str(e)) from None
+    try:
+        out = split(streams["data_file"], streams.get("eval_file"), calib_length=cfg.max_length,
+                    eval_length=cfg.resolved_eval_length, n_eval=cfg.eval_samples)
+    except ValueError as e:
+        raise DataError("eval_samples", str(e)) from None
+    ev_text = texts.get("eval_file", calib_text)
+    protocol = {"name": proto.name, "eval_source": out.eval.source,
+                "eval_sha256": hashlib.sha256(ev_text.encode("utf-8")).hexdigest(),
+                "eval_tokens_total": len(out.eval), "window_length": out.eval_length, "eval_windows": out.n_eval,
+                "all_windows": out.n_eval == out.eval.n_windows(out.eval_length), "bos": cfg.bos,
+                "calib_source": out.calib.source, "calib_disjoint": True}
+    return replace(out, protocol=protocol)
 
 
 @dataclass
@@ -66,6 +95,7 @@ class SeedScores:
     stats: list[TensorStats]
     samples: list[torch.Tensor]
     seconds: float
+    ranks: list[dict] | None = None  # CandidateRanks.entries() of the tracked weights
 
     def selection(self, kind: str, mode: str, k: int | None = None) -> Selection:
         sel = self.selections[(kind, mode)]
@@ -74,8 +104,9 @@ class SeedScores:
 
 def score_seed(model: nn.Module, refs: Sequence[ParamRef], data: DataSplit, *, metric: str, seed: int,
                k: int, modes: Sequence[str], max_samples: int, opts: ScoreOptions,
-               stability_sample: int = 10_000) -> SeedScores:
-    """One scoring pass: top/bottom/random ``k`` per requested mode, plus the stability sample."""
+               stability_sample: int = 10_000, track: Sequence[Coordinate] = ()) -> SeedScores:
+    """One scoring pass: top/bottom/random ``k`` per requested mode, plus the stability sample,
+    and the ranks of the ``track``ed weights (super-weight candidates, published coordinates)."""
     t0 = time.perf_counter()
     gathers = {f"random_k/{m}": random_selection(refs, k, m, seed) for m in modes}
     total = sum(r.numel for r in refs)
@@ -83,7 +114,9 @@ def score_seed(model: nn.Module, refs: Sequence[ParamRef], data: DataSplit, *, m
     collector = ScoreCollector(refs, k, tuple(modes), gathers, seed=seed)
     m = METRICS.get(metric)
     calib = None if m.data_independent else data.calib_windows(max_samples, seed)
-    score(model, refs, metric, calib, collector, replace(opts, seed=seed))
+    ranks = CandidateRanks(refs, track) if track else None
+    sink = collector if ranks is None else (lambda r, s: (collector(r, s), ranks(r, s)))
+    score(model, refs, metric, calib, sink, replace(opts, seed=seed))
     missing = collector.missing()
     if missing:
         raise RuntimeError(f"metric {metric} never scored {missing[:3]}")
@@ -91,19 +124,24 @@ def score_seed(model: nn.Module, refs: Sequence[ParamRef], data: DataSplit, *, m
     if model_device(model).type == "cuda":
         torch.cuda.synchronize()
     return SeedScores(seed, metric, k, sels, collector.gathered("stability"), list(collector.stats),
-                      list(collector.samples), time.perf_counter() - t0)
+                      list(collector.samples), time.perf_counter() - t0, None if ranks is None else ranks.entries())
 
 
 def evaluate_selection(model: nn.Module, refs: Sequence[ParamRef], sel: Selection, spec: PerturbSpec,
                        eval_windows: torch.Tensor, baseline: Perplexity | None, *, seed: int,
                        batch_size: int = 8, progress: bool = False) -> dict:
     """Perplexity with ``sel`` perturbed (restored afterwards), and its ratio to the baseline
-    (None when the baseline is not at hand: the sweep's driver divides)."""
+    (None when the baseline is not at hand: the sweep's driver divides). ``bit``: the bit that
+    bit_flip flipped (its default depends on the dtype), else None."""
+    from .perturb import flipped_bit
+
     with perturbed(refs, sel, spec) as n:
         ppl = perplexity(model, eval_windows, batch_size=batch_size, progress=progress,
                          desc=f"ppl {sel.kind} seed {seed}")
     return {"selection": sel.kind, "seed": seed, "k": sel.k, "mode": sel.mode, "n_weights": n,
-            "ppl": ppl.ppl, "ppl_ratio": None if baseline is None else ppl.ppl / baseline.ppl, "nll": ppl.nll}
+            "bit": flipped_bit(refs, sel, spec),
+            "ppl": ppl.ppl, "ppl_ratio": None if baseline is None else ppl.ppl / baseline.ppl, "nll": ppl.nll,
+            "ppl_status": finite_status(ppl.ppl)}
 
 
 def stability_report(scores: Sequence[SeedScores], *, k: int, mode: str, offsets: torch.Tensor) -> dict:
@@ -136,37 +174,93 @@ class ExperimentResult:
     data: dict
     tensors: list[dict]  # name, layer, param_type, shape of every scored tensor, by tensor id
     timings: dict[str, float] = field(default_factory=dict)
+    super_weights: dict | None = None  # super_weights.json, when detection ran
 
     def perturbation_report(self) -> dict:
         c = self.config
         spec = PerturbSpec(c.perturb, c.perturb_scale, c.perturb_bit).resolved()
+        # the bit actually flipped, as the evaluations recorded it (the default depends on the dtype)
+        flipped = [r["bit"] for r in self.results if r.get("bit") is not None]
+        if flipped:
+            spec = replace(spec, bit=flipped[0])
         return {
             "window_length": self.baseline.window_length, "eval_windows": self.baseline.n_windows,
             "eval_tokens": self.baseline.n_tokens, "baseline": {"ppl": self.baseline.ppl, "nll": self.baseline.nll},
             "perturbation": {"method": spec.method, "scale": spec.scale, "bit": spec.bit},
-            "metric": c.metric, "topk": c.topk, "mode": c.mode, "results": self.results,
+            "metric": c.metric, "topk": c.topk, "mode": c.mode, "protocol": self.data.get("protocol"),
+            "results": self.results,
         }
 
 
-def run_experiment(cfg: ExperimentConfig, model: nn.Module, tokenizer, *, progress: bool = True) -> ExperimentResult:
-    """Run every stage on a loaded model; the caller writes the outputs."""
+def check_calibration(cfg: ExperimentConfig, data: DataSplit) -> None:
+    """A data-dependent metric needs ``max_samples`` calibration windows outside the evaluation ones."""
+    if not METRICS.get(cfg.metric).data_independent and data.calib_pool < cfg.max_samples:
+        raise DataError("max_samples", f"{cfg.max_samples} calibration windows of {cfg.max_length} tokens do not fit "
+                                       f"in the calibration text outside the evaluation windows ({data.calib_pool} "
+                                       "fit); lower max_samples, max_length or eval_samples, or give a longer data_file")
+
+
+class BaselineError(RuntimeError):
+    """The unperturbed model's perplexity is not finite: nothing can be compared with it."""
+
+
+def baseline_perplexity(model: nn.Module, data: DataSplit, cfg: ExperimentConfig, *, progress: bool = False) -> Perplexity:
+    """Perplexity of the unperturbed model on the evaluation windows; it must be finite."""
+    base = perplexity(model, data.eval_windows(), batch_size=cfg.eval_batch_size, progress=progress, desc="baseline ppl")
+    if not math.isfinite(base.ppl):
+        raise BaselineError(f"the unperturbed model's perplexity is {finite_status(base.ppl)} (dtype {cfg.dtype}): it "
+                            "does not run in this dtype on this text; try dtype bf16 or fp32")
+    return base
+
+
+def super_weight_prompts(cfg: ExperimentConfig, data: DataSplit, tokenizer) -> tuple[torch.Tensor, str, str | None]:
+    """(prompts (N, L), where they come from, the text of a single prompt): ``cfg.super_prompt``
+    tokenized (the published method's single prompt), else the first ``cfg.super_windows``
+    held-out evaluation windows."""
+    if cfg.super_prompt:
+        ids = tokenizer(cfg.super_prompt, add_special_tokens=True)["input_ids"]
+        return torch.tensor([ids], dtype=torch.long), "super_prompt", cfg.super_prompt
+    n = min(cfg.super_windows, data.n_eval)
+    return data.eval_windows()[:n], f"the first {n} held-out evaluation windows ({data.eval.source})", None
+
+
+def study_super_weights(cfg: ExperimentConfig, model: nn.Module, tokenizer, data: DataSplit, *, model_id: str,
+                        hf_id: str | None, dtype: str) -> tuple[dict, list[Coordinate]]:
+    """Super-weight detection and causal test for ``cfg`` (its prompts, thresholds, seeds and
+    evaluation windows): the report without ranks, and the weights to rank while scoring."""
+    prompts, source, text = super_weight_prompts(cfg, data, tokenizer)
+    return super_weight_study(model, prompts, data.eval_windows(), cfg.super_weight_options(), seeds=cfg.seeds,
+                              batch_size=cfg.eval_batch_size, model_id=model_id, hf_id=hf_id, dtype=dtype,
+                              prompt_source=source, prompt_text=text)
+
+
+def run_experiment(cfg: ExperimentConfig, model: nn.Module, tokenizer, *, progress: bool = True,
+                   data: DataSplit | None = None, model_id: str | None = None, hf_id: str | None = None,
+                   dtype: str = "") -> ExperimentResult:
+    """Run every stage on a loaded model; the caller writes the outputs. ``cfg`` is resolved for
+    the model (:meth:`ExperimentConfig.with_context`); ``data`` is its split when already built;
+    ``model_id``, ``hf_id`` and ``dtype`` go into the super-weight report."""
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    data = load_split(cfg, tokenizer)
-    if not METRICS.get(cfg.metric).data_independent:
-        pool = data.calib_pool
-        if pool < cfg.max_samples:
-            raise DataError(f"--max-samples {cfg.max_samples} windows of {cfg.max_length} tokens do not fit in the "
-                            f"calibration text outside the evaluation windows ({pool} fit); lower --max-samples, "
-                            "--max-length or --eval-samples, or give a longer --data-file")
+    if data is None:
+        data = load_split(cfg, tokenizer)
+    check_calibration(cfg, data)
     refs = scored_params(model, cfg.param_types)
     timings["data"] = time.perf_counter() - t
 
     t = time.perf_counter()
     eval_windows = data.eval_windows()
-    baseline = perplexity(model, eval_windows, batch_size=cfg.eval_batch_size, progress=progress, desc="baseline ppl")
+    baseline = baseline_perplexity(model, data, cfg, progress=progress)
     timings["baseline_ppl"] = time.perf_counter() - t
     log.info("baseline perplexity %.4f over %d windows of %d tokens", baseline.ppl, baseline.n_windows, baseline.window_length)
+
+    sw_report, track = None, []
+    if cfg.detect_super_weights:
+        t = time.perf_counter()
+        sw_report, track = study_super_weights(cfg, model, tokenizer, data, model_id=model_id or cfg.model,
+                                               hf_id=hf_id or cfg.hf_id, dtype=dtype)
+        timings["super_weights"] = time.perf_counter() - t
+        log.info("super weights: %d candidate(s) in %.1f s", len(sw_report["candidates"]), timings["super_weights"])
 
     opts = ScoreOptions(cfg.micro_batch, cfg.hutchinson_probes, 0, progress)
     spec = PerturbSpec(cfg.perturb, cfg.perturb_scale, cfg.perturb_bit)
@@ -178,7 +272,7 @@ def run_experiment(cfg: ExperimentConfig, model: nn.Module, tokenizer, *, progre
     for seed in cfg.seeds:
         bar.set_postfix_str(f"seed {seed}: scoring")
         ss = score_seed(model, refs, data, metric=cfg.metric, seed=seed, k=cfg.topk, modes=(cfg.mode,),
-                        max_samples=cfg.max_samples, opts=opts, stability_sample=cfg.stability_sample)
+                        max_samples=cfg.max_samples, opts=opts, stability_sample=cfg.stability_sample, track=track)
         timings["score"] += ss.seconds
         seed_scores.append(ss)
         bar.update()
@@ -193,17 +287,31 @@ def run_experiment(cfg: ExperimentConfig, model: nn.Module, tokenizer, *, progre
     stability = None
     if cfg.stability_check:
         stability = stability_report(seed_scores, k=cfg.topk, mode=cfg.mode, offsets=tensor_offsets(refs))
-    return ExperimentResult(cfg, baseline, results, seed_scores, stability, data.describe(), tensor_table(refs), timings)
+    if sw_report is not None:
+        add_ranks(sw_report, {cfg.metric: {ss.seed: RankTable(ss.ranks or []) for ss in seed_scores}})
+    return ExperimentResult(cfg, baseline, results, seed_scores, stability, data.describe(), tensor_table(refs), timings,
+                            sw_report)
 
 
 def ratios_by_selection(rows: Sequence[dict]) -> dict[str, list[float]]:
-    """Perplexity ratios grouped by selection (top_k, random_k, bottom_k), in seed order."""
+    """Perplexity ratios grouped by selection (top_k, random_k, bottom_k), in seed order. A ratio
+    read back from JSON as null is +inf or NaN, as its row's ``ppl_status`` says."""
     out: dict[str, list[float]] = {}
     for r in rows:
-        out.setdefault(r["selection"], []).append(r["ppl_ratio"])
+        v = r["ppl_ratio"]
+        if v is None:
+            v = math.inf if r.get("ppl_status") == "inf" else math.nan
+        out.setdefault(r["selection"], []).append(v)
     return out
 
 
+def mean_ratio(values: Sequence[float]) -> float:
+    """Mean of perplexity ratios over seeds: +inf when one overflowed, NaN when one is NaN."""
+    return math.nan if any(math.isnan(v) for v in values) else sum(values) / len(values)
+
+
 def tensor_table(refs: Sequence[ParamRef]) -> list[dict]:
-    """The scored tensors as the outputs describe them (name, layer, type, shape), in order."""
-    return [{"name": r.name, "layer": r.layer, "param_type": r.param_type, "shape": list(r.shape)} for r in refs]
+    """The scored tensors as the outputs describe them (name, layer, type, shape, layout: how
+    flat indices become coordinates, see architectures.LAYOUTS; offset: Gemma's 1 of 1 + w), in order."""
+    return [{"name": r.name, "layer": r.layer, "param_type": r.param_type, "shape": list(r.shape),
+             "layout": r.layout, "offset": r.offset} for r in refs]

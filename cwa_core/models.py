@@ -19,7 +19,7 @@ from packaging.version import Version
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers import PreTrainedTokenizerBase
 
-from .architectures import ARCHITECTURES
+from .architectures import ARCHITECTURES, decoder_layers
 
 HUB_TIMEOUT_S = 10.0  # one metadata request to the Hub; no retries
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
@@ -50,6 +50,8 @@ class ModelInfo:
     n_params: int  # distinct parameters (tied tensors once)
     trust_remote_code: bool
     attn_implementation: str = "sdpa"
+    n_layers: int | None = None  # decoder blocks (relative depth = layer / n_layers)
+    context: int | None = None  # tokens the model was built for (config.max_position_embeddings)
 
 
 @dataclass
@@ -304,6 +306,78 @@ def _resolve_hub(model_id: str, revision: str | None) -> tuple[str, str | None]:
 # --------------------------------------------------------------------------- loading
 
 
+@dataclass(frozen=True)
+class ModelLocation:
+    """Where a model's files are: a local directory, a cached Hub snapshot, or a Hub id."""
+
+    shown_id: str  # what the user gave
+    where: str  # what from_pretrained reads (a directory or the Hub id)
+    source: str  # "local" or "hub"
+    revision: str | None  # hub commit hash; local dirs: "sha256:<16 hex>" of config + weight files
+    hub_revision: str | None  # the revision to pass to from_pretrained (a Hub id read online)
+
+
+def locate_model(model_id: str | Path, revision: str | None = None) -> ModelLocation:
+    """Find a model without reading its weights: a local directory must hold config.json and
+    weight files; a Hub id is resolved with one metadata request (fails fast offline)."""
+    shown_id = str(model_id)
+    local = Path(model_id).expanduser()
+    if local.is_dir():
+        if revision is not None:
+            raise ModelLoadError(
+                f"revision {revision!r} given for local directory {shown_id!r}; "
+                "revisions apply to Hub ids only"
+            )
+        if not (local / "config.json").is_file():
+            raise ModelLoadError(
+                f"{shown_id!r} has no config.json; pass a directory written by save_pretrained "
+                "(config.json and the weights)"
+            )
+        if not _weight_files(local):
+            raise ModelLoadError(
+                f"{shown_id!r} holds no weight files (*.safetensors or pytorch_model*.bin); "
+                "pass a directory written by save_pretrained"
+            )
+        return ModelLocation(shown_id, str(local), "local", local_revision(local), None)
+    if local.exists():
+        raise ModelLoadError(f"{shown_id!r} is a file, not a directory; pass the model's directory")
+    if _looks_like_path(model_id):
+        raise ModelLoadError(
+            f"no such directory: {shown_id!r}; pass a local directory holding config.json "
+            "and the weights, or a Hugging Face Hub id like org/name"
+        )
+    where, rev = _resolve_hub(shown_id, revision)  # where: the id, or a cached snapshot
+    return ModelLocation(shown_id, where, "hub", rev, rev if where == shown_id else None)
+
+
+def _common_kwargs(loc: ModelLocation, trust_remote_code: bool) -> dict:
+    common: dict = {"trust_remote_code": trust_remote_code}
+    if loc.hub_revision is not None:
+        common["revision"] = loc.hub_revision
+    return common
+
+
+def load_config(loc: ModelLocation, *, trust_remote_code: bool = False):
+    """The model's config, refusing an architecture the table does not know (before any weights)."""
+    model_type = _peek_model_type(loc.where)
+    if model_type is not None and model_type not in ARCHITECTURES:
+        raise _unsupported(model_type)
+    try:
+        config = AutoConfig.from_pretrained(loc.where, **_common_kwargs(loc, trust_remote_code))
+    except Exception as err:  # noqa: BLE001
+        raise _translate(loc.shown_id, loc.hub_revision, err, "config") from err
+    if config.model_type not in ARCHITECTURES:
+        raise _unsupported(config.model_type)
+    return config
+
+
+def load_tokenizer(loc: ModelLocation, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    try:
+        return AutoTokenizer.from_pretrained(loc.where, **_common_kwargs(loc, trust_remote_code))
+    except Exception as err:  # noqa: BLE001
+        raise _translate(loc.shown_id, loc.hub_revision, err, "tokenizer") from err
+
+
 def load_model(
     model_id: str | Path,
     *,
@@ -320,6 +394,9 @@ def load_model(
     backward). Hessian-vector products need a double backward, which fused kernels lack: the
     ``hutchinson_diag`` metric switches the model to eager attention for its duration.
     With ``device_map`` the model is placed by ``from_pretrained`` (accelerate), not moved.
+    Weights are read through safetensors where the checkpoint has them; a pickled ``.bin``
+    checkpoint is read with ``weights_only`` loading (transformers' default), never by
+    unpickling arbitrary objects; ``trust_remote_code`` stays off unless asked for.
     """
     try:
         dev = resolve_device(device) if device_map is None else None
@@ -327,67 +404,19 @@ def load_model(
     except ValueError as err:
         raise ModelLoadError(str(err)) from None
 
-    shown_id = str(model_id)
-    local = Path(model_id).expanduser()
-    if local.is_dir():
-        source, where, rev = "local", str(local), None
-        if revision is not None:
-            raise ModelLoadError(
-                f"revision {revision!r} given for local directory {shown_id!r}; "
-                "revisions apply to Hub ids only"
-            )
-        if not (local / "config.json").is_file():
-            raise ModelLoadError(
-                f"{shown_id!r} has no config.json; pass a directory written by save_pretrained "
-                "(config.json and the weights)"
-            )
-        if not _weight_files(local):
-            raise ModelLoadError(
-                f"{shown_id!r} holds no weight files (*.safetensors or pytorch_model*.bin); "
-                "pass a directory written by save_pretrained"
-            )
-        rev = local_revision(local)
-    elif local.exists():
-        raise ModelLoadError(f"{shown_id!r} is a file, not a directory; pass the model's directory")
-    elif _looks_like_path(model_id):
-        raise ModelLoadError(
-            f"no such directory: {shown_id!r}; pass a local directory holding config.json "
-            "and the weights, or a Hugging Face Hub id like org/name"
-        )
-    else:
-        source = "hub"
-        where, rev = _resolve_hub(shown_id, revision)  # where: the id, or a cached snapshot
-
-    hub_rev = rev if (source == "hub" and where == shown_id) else None
-    common = {"trust_remote_code": trust_remote_code}
-    if hub_rev is not None:
-        common["revision"] = hub_rev
-
+    loc = locate_model(model_id, revision)
     # 1. the config alone: refuse an unknown architecture before any weights are read
-    model_type = _peek_model_type(where)
-    if model_type is not None and model_type not in ARCHITECTURES:
-        raise _unsupported(model_type)
-    try:
-        config = AutoConfig.from_pretrained(where, **common)
-    except Exception as err:  # noqa: BLE001
-        raise _translate(shown_id, revision, err, "config") from err
-    if config.model_type not in ARCHITECTURES:
-        raise _unsupported(config.model_type)
-
+    config = load_config(loc, trust_remote_code=trust_remote_code)
     # 2. the tokenizer (cheap), 3. the weights
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(where, **common)
-    except Exception as err:  # noqa: BLE001
-        raise _translate(shown_id, revision, err, "tokenizer") from err
-
-    kwargs = dict(common, config=config, attn_implementation=attn_implementation)
+    tokenizer = load_tokenizer(loc, trust_remote_code=trust_remote_code)
+    kwargs = dict(_common_kwargs(loc, trust_remote_code), config=config, attn_implementation=attn_implementation)
     kwargs[_DTYPE_KW] = torch_dtype
     if device_map is not None:
         kwargs["device_map"] = device_map
     try:
-        model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(loc.where, **kwargs)
     except Exception as err:  # noqa: BLE001
-        raise _translate(shown_id, revision, err, "weights") from err
+        raise _translate(loc.shown_id, revision, err, "weights") from err
     if device_map is None:
         model.to(dev)
         dev_str = str(dev)
@@ -395,17 +424,28 @@ def load_model(
         dev_str = ",".join(sorted({str(p.device) for p in model.parameters()}))
     model.eval()
     info = ModelInfo(
-        model_id=shown_id,
-        source=source,
-        revision=rev,
+        model_id=loc.shown_id,
+        source=loc.source,
+        revision=loc.revision,
         model_type=config.model_type,
         dtype=dtype_name(torch_dtype),
         device=dev_str,
         n_params=sum(p.numel() for p in model.parameters()),
         trust_remote_code=trust_remote_code,
         attn_implementation=getattr(model.config, "_attn_implementation", None) or attn_implementation,
+        n_layers=len(decoder_layers(model)),
+        context=model_context(config),
     )
     return LoadedModel(model=model, tokenizer=tokenizer, info=info)
+
+
+def model_context(config) -> int | None:
+    """The longest sequence the model was built for (tokens), or None where the config is silent."""
+    for name in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def _peek_model_type(where: str) -> str | None:

@@ -27,7 +27,11 @@ from .selection import TensorStats
 
 PACKAGES = ("torch", "transformers", "numpy", "scipy", "tokenizers", "safetensors", "ray", "mlflow", "cwa")
 STAT_KEYS = ("count", "mean", "std", "min", "max", "p50", "p95", "p99")
-CSV_COLUMNS = ("parameter", "layer", "param_type", "row", "col", "score", "rank", "seed")
+# coordinates in the nn.Linear convention: row = output channel, col = input channel; expert set
+# for mixture-of-experts tensors only; vectors (norm gains, biases) row = index, col empty;
+# embeddings row = token id (or position), col = channel (see architectures.LAYOUTS)
+SUPER_WEIGHT_PLOT = "super_weight_spikes.png"
+CSV_COLUMNS = ("parameter", "layer", "param_type", "expert", "row", "col", "score", "rank", "seed")
 
 
 def atomic_write(path: Path, data: str | bytes) -> None:
@@ -100,18 +104,26 @@ def provenance(device: str, dtype: str, model_info: dict | None) -> dict:
 # --------------------------------------------------------------------------- tables
 
 def top_weights_rows(seed_scores: Sequence[SeedScores], tensors: Sequence[dict], k: int, mode: str) -> list[tuple]:
-    """Rows of top_weights.csv for every seed, sorted by seed then descending score."""
-    ncols = torch.tensor([s["shape"][1] if len(s["shape"]) == 2 else 1 for s in tensors])
+    """Rows of top_weights.csv (CSV_COLUMNS) for every seed, sorted by seed then descending
+    score; coordinates from each tensor's layout (None where one does not apply)."""
+    from .architectures import coordinates
+
     rows: list[tuple] = []
     for ss in seed_scores:
         sel = ss.selection("top_k", mode, k)
         order = torch.argsort(sel.scores, descending=True, stable=True)
         tid, idx, sc, rk = sel.tensor_ids[order], sel.flat_idx[order], sel.scores[order], sel.ranks()[order]
-        nc = ncols[tid]
-        r, c = (idx // nc).tolist(), (idx % nc).tolist()
-        for t, ri, ci, s, rank in zip(tid.tolist(), r, c, sc.tolist(), rk.tolist()):
+        coords = torch.full((3, len(tid)), -1, dtype=torch.long)  # expert, row, col; -1: none
+        by_tid = torch.argsort(tid, stable=True)
+        uniq, counts = torch.unique_consecutive(tid[by_tid], return_counts=True)
+        for t, at in zip(uniq.tolist(), torch.split(by_tid, counts.tolist())):
+            for axis, v in enumerate(coordinates(tensors[t]["layout"], tensors[t]["shape"], idx[at])):
+                if v is not None:
+                    coords[axis, at] = v
+        for t, (e, r, c), s, rank in zip(tid.tolist(), coords.T.tolist(), sc.tolist(), rk.tolist()):
             m = tensors[t]
-            rows.append((m["name"], m["layer"], m["param_type"], ri, ci, s, rank, ss.seed))
+            rows.append((m["name"], m["layer"], m["param_type"], None if e < 0 else e, r,
+                         None if c < 0 else c, s, rank, ss.seed))
     return rows
 
 
@@ -125,18 +137,22 @@ def write_csv(path: Path, columns: Sequence[str], rows: Sequence[tuple]) -> None
 
 def _aggregate(group: Sequence[tuple[TensorStats, torch.Tensor]]) -> dict:
     """Exact count/mean/std/min/max over tensors; percentiles from per-tensor samples weighted
-    by tensor size (each sample stands for numel/len(sample) weights)."""
+    by tensor size (each sample stands for numel/len(sample) weights). ``std`` is the sample
+    standard deviation (n - 1) of all the group's scores pooled, as per tensor: from each
+    tensor's count, mean and sample std, sum of squared deviations = sum over tensors of
+    (n_i - 1) s_i^2 + n_i (m_i - mean)^2."""
     counts = np.array([s.count for s, _ in group], dtype=np.float64)
     means = np.array([s.mean for s, _ in group])
     n = counts.sum()
     mean = float((counts * means).sum() / n)
-    ex2 = (counts * (np.array([s.std for s, _ in group]) ** 2 + means ** 2)).sum() / n
+    ss = float(((counts - 1) * np.array([s.std for s, _ in group]) ** 2 + counts * (means - mean) ** 2).sum())
+    std = math.sqrt(ss / (n - 1)) if n > 1 else 0.0
     vals = np.concatenate([x.numpy() for _, x in group]).astype(np.float64)
     w = np.concatenate([np.full(len(x), s.count / max(len(x), 1)) for s, x in group])
     order = np.argsort(vals)
     cw = np.cumsum(w[order]) / w.sum()
     pct = {f"p{q}": float(vals[order][min(np.searchsorted(cw, q / 100), len(vals) - 1)]) for q in (50, 95, 99)}
-    return {"count": int(n), "mean": mean, "std": float(math.sqrt(max(ex2 - mean ** 2, 0.0))),
+    return {"count": int(n), "mean": mean, "std": std,
             "min": min(s.min for s, _ in group), "max": max(s.max for s, _ in group), **pct,
             "percentiles": "from a size-weighted sample of each tensor"}
 
@@ -159,13 +175,22 @@ def stats_report(ss: SeedScores) -> dict:
 
 
 def weighted_samples(ss: SeedScores, n: int = 20_000, seed: int = 0) -> dict[str, np.ndarray]:
-    """Per parameter type, a sample of scores in which every weight is equally likely."""
+    """Per parameter type, at most ``n`` scores drawn so that every weight is equally likely (a
+    tensor's sample stands for its ``count`` weights). Scores stay as they are, inf and NaN
+    included (the figure counts them); a tensor with count 0 or no sampled score adds nothing,
+    and a type left with nothing maps to an empty array."""
     rng = np.random.default_rng(seed)
     out: dict[str, np.ndarray] = {}
     groups: dict[str, list] = {}
     for s, x in zip(ss.stats, ss.samples):
-        groups.setdefault(s.param_type, []).append((s.count, x.numpy()))
+        g = groups.setdefault(s.param_type, [])
+        x = x.numpy().ravel() if isinstance(x, torch.Tensor) else np.asarray(x).ravel()
+        if s.count > 0 and x.size:  # else c / len(x) would divide by zero
+            g.append((s.count, x))
     for t, g in groups.items():
+        if not g:
+            out[t] = np.empty(0, dtype=np.float32)
+            continue
         vals = np.concatenate([x for _, x in g])
         w = np.concatenate([np.full(len(x), c / len(x)) for c, x in g])
         out[t] = rng.choice(vals, size=min(n, len(vals)), p=w / w.sum())
@@ -174,9 +199,45 @@ def weighted_samples(ss: SeedScores, n: int = 20_000, seed: int = 0) -> dict[str
 
 # --------------------------------------------------------------------------- the folder
 
+def write_parquet(path: Path, columns: dict) -> None:
+    """A table as Parquet (atomically), for the analysis to load fast: ``columns`` name -> array."""
+    import pandas as pd
+
+    buf = io.BytesIO()
+    pd.DataFrame(columns).to_parquet(buf, index=False)
+    atomic_write(path, buf.getvalue())
+
+
+def top_weights_table(rows: Sequence[tuple]) -> dict:
+    """The rows of top_weights.csv as columns (same names, same order)."""
+    cols = list(zip(*rows)) if rows else [[] for _ in CSV_COLUMNS]
+    return {name: list(col) for name, col in zip(CSV_COLUMNS, cols)}
+
+
+def score_sample_table(seed_scores: Sequence[SeedScores], tensors: Sequence[dict]) -> dict:
+    """The scores of the fixed stability sample of weights, every seed: the same weights for
+    every metric on the same model and parameter types, so metrics can be correlated later."""
+    offsets = np.cumsum([0] + [math.prod(t["shape"]) for t in tensors])[:-1]
+    names = np.array([t["name"] for t in tensors], dtype=object)
+    parts = {"seed": [], "global_id": [], "parameter": [], "flat_idx": [], "score": []}
+    for ss in seed_scores:
+        sel = ss.stability_sample
+        tid, idx = sel.tensor_ids.numpy(), sel.flat_idx.numpy()
+        parts["seed"].append(np.full(len(tid), ss.seed, dtype=np.int64))
+        parts["global_id"].append(offsets[tid] + idx)
+        parts["parameter"].append(names[tid])
+        parts["flat_idx"].append(idx)
+        parts["score"].append(sel.scores.numpy().astype(np.float32))
+    return {k: np.concatenate(v) if v else np.array([]) for k, v in parts.items()}
+
+
 def write_experiment(out_dir: str | Path, result: ExperimentResult, *, model_info: dict | None,
                      device: str, dtype: str, started: float, extra_timings: dict | None = None) -> dict:
-    """Write every file of one experiment into ``out_dir``; returns the manifest."""
+    """Write every file of one experiment into ``out_dir``; returns the manifest.
+
+    The numbers come first; the figures last, each on its own: a figure that fails is named
+    with its error in the manifest (``plots_failed``) and the numbers stand.
+    """
     out = Path(out_dir)
     cfg = result.config
     files: list[str] = []
@@ -185,23 +246,42 @@ def write_experiment(out_dir: str | Path, result: ExperimentResult, *, model_inf
         write_json(out / name, obj)
         files.append(name)
 
-    write_csv(out / "top_weights.csv", CSV_COLUMNS, top_weights_rows(result.seed_scores, result.tensors, cfg.topk, cfg.mode))
-    files.append("top_weights.csv")
+    rows = top_weights_rows(result.seed_scores, result.tensors, cfg.topk, cfg.mode)
+    write_csv(out / "top_weights.csv", CSV_COLUMNS, rows)
+    write_parquet(out / "top_weights.parquet", top_weights_table(rows))
+    write_parquet(out / "score_sample.parquet", score_sample_table(result.seed_scores, result.tensors))
+    files += ["top_weights.csv", "top_weights.parquet", "score_sample.parquet"]
     stats = {"metric": cfg.metric, "per_seed": [stats_report(ss) for ss in result.seed_scores]}
     put_json("sensitivity_stats.json", stats)
     perturbation = result.perturbation_report()
     put_json("perturbation_results.json", perturbation)
     if result.stability is not None:
         put_json("stability.json", result.stability)
+    if result.super_weights is not None:
+        put_json("super_weights.json", result.super_weights)
     timings = {**(extra_timings or {}), **result.timings}
-    if cfg.save_plots:
-        from .plots import save_experiment_plots  # matplotlib only when asked
+    plots_failed: dict[str, str] = {}
+    if result.super_weights is not None:  # detection's figure: drawn whenever detection ran
+        try:
+            from .superweight_plots import plot_super_weight_spikes
 
+            path = plot_super_weight_spikes(result.super_weights, out / "plots" / SUPER_WEIGHT_PLOT)
+            files.append(str(Path(path).relative_to(out)))
+        except Exception as e:  # noqa: BLE001 - a figure is the least important output
+            plots_failed[SUPER_WEIGHT_PLOT] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    if cfg.save_plots:
         t = time.perf_counter()
-        paths = save_experiment_plots(out, samples=weighted_samples(result.seed_scores[0]),
-                                      stats=stats["per_seed"][0], perturbation=perturbation,
-                                      stability=result.stability)
-        files += [str(Path(p).relative_to(out)) for p in paths]
+        try:
+            from .plots import save_experiment_plots  # matplotlib only when asked
+
+            paths, failed = save_experiment_plots(
+                out, samples_per_seed=[weighted_samples(ss) for ss in result.seed_scores],
+                stats_per_seed=stats["per_seed"], seeds=[ss.seed for ss in result.seed_scores],
+                perturbation=perturbation, stability=result.stability, metric=cfg.metric)
+            files += [str(Path(p).relative_to(out)) for p in paths]
+            plots_failed.update(failed)
+        except Exception as e:  # noqa: BLE001 - a figure is the least important output
+            plots_failed["plots"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         timings["plots"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - started
     manifest = {
@@ -214,6 +294,7 @@ def write_experiment(out_dir: str | Path, result: ExperimentResult, *, model_inf
         "timings_s": timings,
         "peak_memory": peak_memory(),
         "files": files + ["manifest.json"],
+        "plots_failed": plots_failed,
     }
     write_json(out / "manifest.json", manifest)
     return manifest

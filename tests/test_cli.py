@@ -10,7 +10,8 @@ import pytest
 import orchestrator
 from conftest import ROOT, STORIES, TINYSTORIES
 
-GOOD = ["--model", str(STORIES), "--data-file", str(TINYSTORIES), "--metric", "grad_x_weight", "--topk", "200"]
+GOOD = ["--model", str(STORIES), "--data-file", str(TINYSTORIES), "--metric", "grad_x_weight", "--topk", "200",
+        "--mode", "global"]
 
 
 @pytest.fixture(scope="module")
@@ -27,13 +28,15 @@ def done_when_run(tmp_path_factory):
 def test_documented_command_writes_every_file(done_when_run):
     out = done_when_run
     manifest = json.loads((out / "manifest.json").read_text())
-    want = ["top_weights.csv", "sensitivity_stats.json", "perturbation_results.json", "stability.json",
+    want = ["top_weights.csv", "top_weights.parquet", "score_sample.parquet", "sensitivity_stats.json",
+            "perturbation_results.json", "stability.json",
             "plots/sensitivity_distribution.png", "plots/layer_comparison.png", "plots/sensitivity_heatmap.png",
             "plots/perturbation_effects.png", "plots/stability_analysis.png", "manifest.json"]
     assert sorted(manifest["files"]) == sorted(want)
     for f in want:
         assert (out / f).stat().st_size > 100, f
     assert manifest["status"] == "finished" and manifest["provenance"]["model"]["n_params"] == 260032
+    assert manifest["plots_failed"] == {} and manifest["provenance"]["model"]["n_layers"] == 5
     assert manifest["provenance"]["model"]["revision"].startswith("sha256:")
 
 
@@ -62,7 +65,7 @@ BAD = [
     (["--seeds", "0,x"], "--seeds", "integers"),
     (["--stability-check", "--seeds", "0"], "--stability-check", "2 seeds"),
     (["--model", "/no/such/model"], "--model", "no such directory"),
-    (["--perturb", "sign_flip", "--perturb-scale", "2"], "--perturb-scale", "gauss_noise"),
+    (["--perturb", "zero", "--perturb-scale", "2"], "--perturb-scale", "gauss_noise"),  # sign_flip takes one
 ]
 
 

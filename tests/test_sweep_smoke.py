@@ -50,3 +50,43 @@ def test_mlflow_store_has_finished_runs_params_metrics_and_plots(smoke):
     plots = {a.path for a in c.list_artifacts(by["cell"][0].info.run_id, "plots")}
     assert {"plots/perturbation_effects.png", "plots/sensitivity_heatmap.png", "plots/stability_analysis.png"} <= plots
     assert "smoke.yaml" in {a.path for a in c.list_artifacts(by["sweep"][0].info.run_id)}
+
+
+def test_the_ui_opens_on_the_runs_one_row_per_cell_with_the_key_numbers(smoke):
+    """MLflow 3 shows an unmarked experiment as a GenAI one; this one is marked for model
+    development. Cell runs are top level (not collapsed under the sweep run), each with its
+    ratios by selection, Jaccard and (after the analysis) the critical K of its model and metric."""
+    tmp, uri = smoke
+    c, runs, by = mlflow_runs_by_kind(uri, "smoke")
+    assert c.get_experiment_by_name("smoke").tags["mlflow.experimentKind"] == "custom_model_development"
+    sweep_id = by["sweep"][0].info.run_id
+    for r in by["cell"]:
+        assert "mlflow.parentRunId" not in r.data.tags and r.data.tags["cwa.sweep_run_id"] == sweep_id
+        assert {"top_k_ppl_ratio_mean", "random_k_ppl_ratio_mean", "bottom_k_ppl_ratio_mean", "jaccard_mean"} <= set(
+            r.data.metrics)
+    assert all(r.data.tags["mlflow.parentRunId"] == sweep_id for r in by["stability"])
+    m = json.loads((tmp / "results" / "sweep_manifest.json").read_text())
+    assert m["report"]["error"] is None
+    analysis = json.loads((tmp / "results" / "analysis" / "statistical_analysis.json").read_text())
+    critical = {cid: g["critical"]["critical_k"] for g in analysis["dose_response"] for cid in g["cells"]}
+    assert len(critical) == 4  # each cell in one dose-response group (2 K per metric)
+    for r in by["cell"]:  # a number where the analysis found one (interpolated), else only a bound: none
+        want = critical[r.data.tags["cwa.cell_id"]]
+        if isinstance(want, (int, float)):
+            assert r.data.metrics["critical_k"] == pytest.approx(want)
+        else:
+            assert "critical_k" not in r.data.metrics
+
+
+def test_the_study_ends_with_its_analysis_and_report(smoke):
+    """``report: true``: the cross-model analysis (JSON, Parquet tables, figures) and the PDF,
+    beside the results and on the sweep run."""
+    tmp, uri = smoke
+    out = tmp / "results" / "analysis"
+    analysis = json.loads((out / "statistical_analysis.json").read_text())
+    assert analysis["n_cells"] == 4 if "n_cells" in analysis else len(analysis["cells"]) == 4
+    pdf = (out / "research_summary.pdf").read_bytes()
+    assert pdf.startswith(b"%PDF") and pdf.count(b"/Type /Page") >= 5
+    c, _, by = mlflow_runs_by_kind(uri, "smoke")
+    arts = {a.path for a in c.list_artifacts(by["sweep"][0].info.run_id, "analysis")}
+    assert {"analysis/statistical_analysis.json", "analysis/research_summary.pdf"} <= arts

@@ -33,7 +33,7 @@ def test_every_sweep_loads_and_its_header_is_true(path):
     assert re.search(r"[Ee]xpected run time", head)
     m = re.search(r"Cells: (\d+)", head)
     assert m, "the header gives the cell count"
-    sweep = sweep_spec.parse(yaml.safe_load(text), path=path, demo_paths=(sweep_spec.BUILTIN_DEMO, __file__))
+    sweep = sweep_spec.parse(yaml.safe_load(text), path=path)
     assert len(sweep.cells) == int(m.group(1))
     assert sweep.name == path.stem
 

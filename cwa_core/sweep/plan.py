@@ -1,25 +1,24 @@
 """The plan: which work the cells share.
 
-One model load per actor; one baseline perplexity per (model, evaluation settings); one scoring
-pass per (model, metric, seed, calibration settings) at the largest K and every mode any cell
-wants (smaller K are prefixes); one evaluation per (cell, seed, selection).
+One model load per actor; one baseline perplexity per (model, evaluation settings); one
+super-weight study (detection and causal test) per (model, evaluation settings, thresholds,
+seeds) where cells ask for it; one scoring pass per (model, metric, seed, calibration settings)
+at the largest K and every mode any cell wants (smaller K are prefixes; it also ranks the
+super-weight candidates, so it waits for their study); one evaluation per (cell, seed, selection).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..config import ExperimentConfig
+from ..config import DATA_FIELDS, ExperimentConfig, settings_key
 from .spec import Cell
 
 MODEL_FIELDS = ("model", "dtype", "device", "revision", "trust_remote_code")
-DATA_FIELDS = ("data_file", "eval_file", "bos", "max_length", "eval_length", "eval_samples")
 EVAL_FIELDS = DATA_FIELDS + ("eval_batch_size",)
-SCORE_FIELDS = DATA_FIELDS + ("metric", "max_samples", "param_types", "hutchinson_probes", "micro_batch",
-                              "stability_sample")
-
-
-def settings_key(cfg: ExperimentConfig, names: tuple[str, ...]) -> tuple:
-    return tuple((n, tuple(v) if isinstance(v := getattr(cfg, n), (list, tuple)) else v) for n in names)
+SW_FIELDS = ("detect_super_weights", "super_out_ratio", "super_in_ratio", "super_out_floor", "super_in_floor",
+             "super_max_rounds", "super_windows", "super_prompt", "hf_id")
+SCORE_FIELDS = DATA_FIELDS + SW_FIELDS + ("metric", "max_samples", "param_types", "hutchinson_probes", "micro_batch",
+                                          "stability_sample")
 
 
 def model_key(cfg: ExperimentConfig) -> tuple:
@@ -34,12 +33,20 @@ def score_key(cfg: ExperimentConfig, seed: int) -> tuple:
     return (model_key(cfg), settings_key(cfg, SCORE_FIELDS), ("seed", seed))
 
 
+def sw_key(cfg: ExperimentConfig) -> tuple | None:
+    """The super-weight study a cell needs, or None."""
+    if not cfg.detect_super_weights:
+        return None
+    return (model_key(cfg), settings_key(cfg, EVAL_FIELDS + SW_FIELDS + ("seeds",)))
+
+
 @dataclass
 class ScoreTask:
     config: ExperimentConfig  # any cell's config (the shared fields are what matter)
     seed: int
     k: int = 0
     modes: set = field(default_factory=set)
+    sw_key: tuple | None = None  # the study whose candidates this pass ranks (it waits for it)
 
 
 @dataclass
@@ -48,6 +55,7 @@ class Plan:
     models: dict[tuple, list[Cell]]  # model key -> its cells
     baselines: dict[tuple, ExperimentConfig]
     scores: dict[tuple, ScoreTask]
+    studies: dict[tuple, ExperimentConfig] = field(default_factory=dict)  # super-weight studies
 
     def rows(self) -> list[dict]:
         """The cell table of ``--dry-run``."""
@@ -57,7 +65,7 @@ class Plan:
 
     def counts(self) -> dict:
         return {"cells": len(self.cells), "models": len(self.models), "baselines": len(self.baselines),
-                "scoring_passes": len(self.scores),
+                "scoring_passes": len(self.scores), "super_weight_studies": len(self.studies),
                 "evaluations": sum(len(c.config.seeds) * (1 + len(c.config.controls)) for c in self.cells)}
 
 
@@ -65,15 +73,21 @@ def make_plan(cells: list[Cell]) -> Plan:
     models: dict[tuple, list[Cell]] = {}
     baselines: dict[tuple, ExperimentConfig] = {}
     scores: dict[tuple, ScoreTask] = {}
+    studies: dict[tuple, ExperimentConfig] = {}
     for cell in cells:
         cfg = cell.config
         models.setdefault(model_key(cfg), []).append(cell)
         baselines.setdefault(baseline_key(cfg), cfg)
+        study = sw_key(cfg)
+        if study is not None:
+            studies.setdefault(study, cfg)
         for seed in cfg.seeds:
-            task = scores.setdefault(score_key(cfg, seed), ScoreTask(cfg, seed))
+            # the candidates depend on the study's model, data and thresholds, not on its seeds:
+            # a pass shared by cells of other seed lists may rank those of any of their studies
+            task = scores.setdefault(score_key(cfg, seed), ScoreTask(cfg, seed, sw_key=study))
             task.k = max(task.k, cfg.topk)
             task.modes.add(cfg.mode)
-    return Plan(cells, models, baselines, scores)
+    return Plan(cells, models, baselines, scores, studies)
 
 
 def format_table(rows: list[dict]) -> str:

@@ -1,32 +1,59 @@
 """Run a sweep on Ray: one actor group per model, work shared as the plan says, results
 written per cell (single-experiment layout) and tracked in MLflow by the driver alone.
 
-``sweep_manifest.json`` is rewritten (atomically) after every cell, so a killed sweep loses at
-most the cells in flight; running it again skips finished cells by id.
+What survives what:
+- **A cell's files are the record.** They are written first (atomically, the cell's
+  ``manifest.json`` last), then logged to MLflow from those files; ``sweep_manifest.json`` records
+  each step (``written``, then ``finished``). Running the same command again skips finished
+  cells, logs written-but-unlogged ones from their files, and computes the rest.
+- **A task fails** (an exception, an out-of-memory error): it runs again, up to
+  ``retries.task_tries`` times in all. **An actor dies** (its process killed, out of memory, its
+  weights not restorable): a new actor replaces it and reloads the model, up to
+  ``retries.actor_restarts`` times per actor; the task it was running is charged a try, the ones
+  queued behind it are not.
+- **One cell's failure is that cell's alone**: a task out of tries, or an exception while writing,
+  plotting or logging it, marks that cell failed (``sweep_manifest.json``, ``<cell>/error.txt``, a
+  FAILED MLflow run); every other cell goes on.
+- **The driver dies** (SIGKILL): nothing half-written counts. On resume, the sweep run's MLflow
+  runs that the manifest does not record as complete are marked KILLED (see ``tracking``).
+- **Ctrl-C** stops within seconds: finished cells are kept, open MLflow runs are marked KILLED,
+  the actors are killed and a Ray this command started is shut down.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
+import fcntl
 import json
 import logging
 import math
 import os
+import signal
 import time
+import traceback
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from tqdm.auto import tqdm
 
 from ..evaluate import Perplexity
 from ..experiment import ExperimentResult, SeedScores, stability_report
-from ..outputs import write_experiment, write_json
+from ..outputs import atomic_write, write_experiment, write_failure, write_json
 from ..selection import offsets_of
-from .plan import Plan, baseline_key, make_plan, model_key, score_key
+from ..superweights import RankTable, add_ranks
+from . import faults
+from .plan import Plan, baseline_key, make_plan, model_key, score_key, sw_key
 from .spec import Cell, Sweep, with_out_dir
 from .worker import ModelWorker
 
 log = logging.getLogger(__name__)
 MANIFEST = "sweep_manifest.json"
+LOCK = ".sweep.lock"
+MAX_INFLIGHT = 2  # tasks per actor: one running, one queued behind it (so it never idles)
+WAIT_S = 1.0  # the longest the driver waits without looking at Ctrl-C
 
 
 def init_ray(address: str | None, num_cpus: int | None = None, *, dashboard: bool = False):
@@ -67,28 +94,45 @@ def init_ray(address: str | None, num_cpus: int | None = None, *, dashboard: boo
     return ray
 
 
+class SweepBusyError(RuntimeError):
+    """Another driver is running a sweep into the same results folder."""
+
+
+@contextlib.contextmanager
+def _exclusive(root: Path):
+    """Hold ``root/.sweep.lock`` (released by the kernel even if the driver is SIGKILLed)."""
+    root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(root / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SweepBusyError(f"another sweep is running into {root} (it holds {root / LOCK}); "
+                                 "wait for it, or choose another --out-dir") from None
+        yield
+    finally:
+        os.close(fd)
+
+
 class _Progress:
     """One live line per model and one overall: done, running, failed, elapsed, time left."""
 
     def __init__(self, plan: Plan, enabled: bool) -> None:
         self.bars = {}
-        self.state: dict = {}
-        total = len(plan.cells)
-        self.overall = tqdm(total=total, desc="sweep", position=0, disable=not enabled, unit="cell", dynamic_ncols=True)
+        self.failed: dict = {}
+        self.overall = tqdm(total=len(plan.cells), desc="sweep", position=0, disable=not enabled, unit="cell",
+                            dynamic_ncols=True)
         for i, (mk, cells) in enumerate(plan.models.items(), start=1):
             name = Path(str(cells[0].settings["model"])).name
             self.bars[mk] = tqdm(total=len(cells), desc=f"  {name}", position=i, disable=not enabled, unit="cell",
                                  dynamic_ncols=True)
-            self.state[mk] = {"running": 0, "failed": 0}
-        self.state["all"] = {"running": 0, "failed": 0}
+        self.failed = {key: 0 for key in [*self.bars, "all"]}
 
-    def update(self, mk: tuple, *, done: int = 0, running: int = 0, failed: int = 0) -> None:
+    def update(self, mk: tuple, *, failed: bool = False) -> None:
         for key, bar in ((mk, self.bars[mk]), ("all", self.overall)):
-            st = self.state[key]
-            st["running"] += running
-            st["failed"] += failed
-            bar.update(done + failed)
-            bar.set_postfix_str(f"running {st['running']}, failed {st['failed']}")
+            self.failed[key] += failed
+            bar.update(1)
+            bar.set_postfix_str(f"running {bar.total - bar.n}, failed {self.failed[key]}")
 
     def close(self) -> None:
         for b in [*self.bars.values(), self.overall]:
@@ -102,14 +146,66 @@ def _read_manifest(root: Path) -> dict:
     return {}
 
 
+def _folder_finished(root: Path, cid: str) -> bool:
+    cm = root / cid / "manifest.json"
+    try:
+        return cm.exists() and json.loads(cm.read_text()).get("status") == "finished"
+    except ValueError:
+        return False
+
+
 def finished_cells(root: Path, m: dict) -> set[str]:
     """Cells whose sweep manifest ``m`` says finished and whose folder holds a finished manifest."""
-    done = set()
-    for cid, c in m.get("cells", {}).items():
-        cm = root / cid / "manifest.json"
-        if c.get("status") == "finished" and cm.exists() and json.loads(cm.read_text()).get("status") == "finished":
-            done.add(cid)
-    return done
+    return {cid for cid, c in m.get("cells", {}).items() if c.get("status") == "finished" and _folder_finished(root, cid)}
+
+
+def written_cells(root: Path, m: dict) -> set[str]:
+    """Cells whose folder is complete but which are not logged yet (a driver stopped between the
+    two, or logging failed): they are logged from their files, not computed again."""
+    return {cid for cid, c in m.get("cells", {}).items()
+            if (c.get("status") == "written" or (c.get("status") == "failed" and c.get("stage") == "log"))
+            and _folder_finished(root, cid)}
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:500]
+
+
+@dataclass(eq=False)
+class _Task:
+    kind: str  # baseline | score | evaluate
+    key: tuple  # baseline key, score key, or (cell id, seed, selection)
+    mk: tuple  # model key: which actor group runs it
+    args: tuple
+    tries: int = 0
+    seq: int = 0  # submission order (the oldest in flight on an actor is the one running)
+    errors: list = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class _Slot:
+    """One actor of a model's group, replaced when it dies."""
+
+    actor: Any
+    inflight: list = field(default_factory=list)  # [(ref, task)] in submission order
+    deaths: int = 0
+    alive: bool = True
+    completed: int = 0  # tasks the current actor finished (it has loaded its model)
+
+
+def _is_actor_loss(ray, e: BaseException) -> bool:
+    x = ray.exceptions
+    return isinstance(e, (x.RayActorError, x.WorkerCrashedError, x.OutOfMemoryError, x.NodeDiedError,
+                          x.LocalRayletDiedError, x.ActorUnschedulableError))
+
+
+def _needs_fresh_actor(e: BaseException) -> bool:
+    """A task error after which the actor's state cannot be trusted: out of (GPU) memory, or
+    weights that could not be restored. The actor is replaced (and reloads its model)."""
+    cause = getattr(e, "cause", None) or e
+    name = type(cause).__name__
+    return name in ("OutOfMemoryError", "PerturbationLeakError") or "out of memory" in str(cause).lower()
 
 
 class SweepRunner:
@@ -123,51 +219,100 @@ class SweepRunner:
         self.num_cpus = num_cpus
         self.dashboard = dashboard
         self.manifest = _read_manifest(self.root) or {"name": sweep.name, "cells": {}}
+        self.timings: dict[str, float] = {}
+        self.interrupted = False
 
     # -- bookkeeping -----------------------------------------------------------------------
     def _save(self) -> None:
         write_json(self.root / MANIFEST, self.manifest)
 
+    def _entry(self, cell: Cell) -> dict:
+        return self.manifest["cells"][cell.id]
+
     def run(self) -> dict:
+        """Run what is left of the sweep; returns the sweep manifest. KeyboardInterrupt is
+        re-raised after the clean stop."""
+        with _exclusive(self.root):
+            return self._run()
+
+    def _run(self) -> dict:
         t0 = time.perf_counter()
         done = finished_cells(self.root, self.manifest)
-        pending = [c for c in self.sweep.cells if c.id not in done]
+        to_log = written_cells(self.root, self.manifest)
+        compute = [c for c in self.sweep.cells if c.id not in done and c.id not in to_log]
+        logging_only = [c for c in self.sweep.cells if c.id in to_log]
         self.manifest.update({"name": self.sweep.name, "spec_hash": self.sweep.spec_hash,
                               "sweep_file": str(self.sweep.path) if self.sweep.path else None})
         for c in self.sweep.cells:
             self.manifest["cells"].setdefault(c.id, {"status": "pending", "settings": c.settings})
-        if not pending:
+        if not compute and not logging_only:
             log.info("sweep %s: all %d cells already finished; nothing to do", self.sweep.name, len(self.sweep.cells))
             return self.manifest
-        self.root.mkdir(parents=True, exist_ok=True)
-        plan = make_plan(pending)
-        # MLflow's start-up (import, schema) overlaps Ray's and the actors' (model loading)
+        plan = make_plan(compute)
         self.timings = {}
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            tracking = pool.submit(self._start_tracking) if self.sweep.tracking.enabled else None
-            t = time.perf_counter()
-            ray = init_ray(self.address, self.num_cpus, dashboard=self.dashboard)
-            self.timings["ray_start_s"] = time.perf_counter() - t
-            groups = self._start_actors(ray, plan)
-            tracker = tracking.result() if tracking else None
-        self._save()
+        tracker, ray, owns_ray, groups = None, None, False, {}
         status = "FAILED"
         try:
-            self._execute(ray, plan, groups, tracker)
-            status = "FINISHED" if all(self.manifest["cells"][c.id]["status"] == "finished" for c in pending) else "FAILED"
-        finally:
-            # where the time went: start-up (Ray, MLflow), the first result (actor start, model
-            # load, tokenizing, first task), the rest; benchmarks/sweep_overhead.py reads these
-            self.manifest.setdefault("runs", []).append({"started_cells": len(pending), "seconds": time.perf_counter() - t0,
-                                                         "status": status, "timings_s": self.timings})
+            # MLflow's start-up (import, schema) overlaps Ray's and the actors' (model loading)
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                tracking = pool.submit(self._start_tracking) if self.sweep.tracking.enabled else None
+                if compute:
+                    t = time.perf_counter()
+                    import ray as _ray
+
+                    owns_ray = not _ray.is_initialized()
+                    ray = init_ray(self.address, self.num_cpus, dashboard=self.dashboard)
+                    self.timings["ray_start_s"] = time.perf_counter() - t
+                    groups = self._start_actors(ray, plan)
+                tracker = tracking.result() if tracking else None
             self._save()
-            if tracker:
-                tracker.end_sweep(self.manifest["parent_run_id"], status, {
-                    "cells_finished": sum(c["status"] == "finished" for c in self.manifest["cells"].values()),
-                    "model_loads": self.manifest.get("model_loads", 0)})
+            if tracker is not None:
+                self._close_leftovers(tracker)
+            for cell in logging_only:
+                self._log_cell(cell, tracker)
+            if compute:
+                self._execute(ray, plan, groups, tracker)
+            if self.sweep.report:
+                self._report(tracker)
+            pending_ids = {c.id for c in compute + logging_only}
+            status = "FINISHED" if all(self.manifest["cells"][cid]["status"] == "finished" for cid in pending_ids) else "FAILED"
+        except KeyboardInterrupt:
+            self.interrupted = True
+            status = "KILLED"
+            raise
+        finally:
+            with _no_sigint(self.interrupted):
+                self._stop(ray, owns_ray, groups, tracker, status, len(compute) + len(logging_only), t0)
         return self.manifest
 
-    # -- execution -------------------------------------------------------------------------
+    def _stop(self, ray, owns_ray: bool, groups: dict, tracker, status: str, started: int, t0: float) -> None:
+        """Record the run, close MLflow, stop the actors and (if ours) Ray; never raises."""
+        # where the time went: start-up (Ray, MLflow), the first result (actor start, model
+        # load, tokenizing, first task), the rest; benchmarks/sweep_overhead.py reads these
+        self.manifest.setdefault("runs", []).append({"started_cells": started, "seconds": time.perf_counter() - t0,
+                                                     "status": status, "timings_s": self.timings})
+        with contextlib.suppress(Exception):
+            self._save()
+        if tracker is not None and "parent_run_id" in self.manifest:
+            try:
+                if self.interrupted:
+                    tracker.kill_open()
+                tracker.end_sweep(self.manifest["parent_run_id"], status, {
+                    "cells_finished": sum(c["status"] == "finished" for c in self.manifest["cells"].values()),
+                    "cells_failed": sum(c["status"] == "failed" for c in self.manifest["cells"].values()),
+                    "model_loads": self.manifest.get("model_loads", 0)})
+            except Exception as e:  # noqa: BLE001 - the files are the record; say so and go on
+                log.warning("could not close the MLflow sweep run: %s", _one_line(e))
+        if ray is not None:
+            for slots in groups.values():
+                for slot in slots:
+                    with contextlib.suppress(Exception):
+                        ray.kill(slot.actor)
+            if owns_ray:
+                with contextlib.suppress(Exception):
+                    ray.shutdown()
+
+    # -- start-up --------------------------------------------------------------------------
     def _start_tracking(self):
         from .tracking import Tracker
 
@@ -178,123 +323,269 @@ class SweepRunner:
         self.timings["tracking_start_s"] = time.perf_counter() - t
         return tracker
 
+    def _close_leftovers(self, tracker) -> None:
+        """A resumed sweep run: what a dead driver left open or half-logged is marked KILLED."""
+        cells = self.manifest["cells"].values()
+        kept = {c["mlflow_run_id"] for c in cells if c.get("status") == "finished" and c.get("mlflow_run_id")}
+        stab = set(self.manifest.get("stability_runs", {}).values())
+        closed = set(tracker.close_leftovers(self.manifest["parent_run_id"], kept, stab))
+        if closed:
+            log.warning("marked %d MLflow run(s) of an interrupted run of this sweep KILLED (superseded)", len(closed))
+            runs = self.manifest.get("stability_runs", {})
+            for k in [k for k, run_id in runs.items() if run_id in closed]:
+                del runs[k]
+
+    def _new_actor(self, ray, cfg):
+        res = self.sweep.resources
+        opts = {"num_cpus": res.cpus_per_actor, "num_gpus": res.gpus_per_actor, "max_restarts": 0}
+        env = faults.env_vars()
+        if env:  # tests that inject faults pass them on to the actors
+            opts["runtime_env"] = {"env_vars": env}
+        device_map = "auto" if res.gpus_per_actor > 1 else None
+        threads = max(1, int(res.cpus_per_actor)) if res.cpus_per_actor else None
+        return ray.remote(_RayWorker).options(**opts).remote(cfg, threads=threads, device_map=device_map)
+
     def _start_actors(self, ray, plan: Plan) -> dict:
         """One actor group per model; each actor starts loading its model at once."""
-        res = self.sweep.resources
-        remote_cls = ray.remote(_RayWorker)
-        groups = {}
-        for mk, cells in plan.models.items():
-            cfg = cells[0].config
-            opts = {"num_cpus": res.cpus_per_actor, "num_gpus": res.gpus_per_actor, "max_restarts": 0}
-            device_map = "auto" if res.gpus_per_actor > 1 else None
-            threads = max(1, int(res.cpus_per_actor)) if res.cpus_per_actor else None
-            groups[mk] = [remote_cls.options(**opts).remote(cfg, threads=threads, device_map=device_map)
-                          for _ in range(res.actors_per_model)]
-        return groups
+        return {mk: [_Slot(self._new_actor(ray, cells[0].config)) for _ in range(self.sweep.resources.actors_per_model)]
+                for mk, cells in plan.models.items()}
 
-    def _execute(self, ray, plan: Plan, groups: dict, tracker) -> None:
-        outstanding = {g: [0] * len(a) for g, a in groups.items()}
-
-        def submit(mk, method: str, *args):
-            i = min(range(len(groups[mk])), key=lambda j: outstanding[mk][j])
-            outstanding[mk][i] += 1
-            return getattr(groups[mk][i], method).remote(*args), (mk, i)
-
-        pending: dict = {}  # object ref -> (what, key, actor slot)
+    # -- execution -------------------------------------------------------------------------
+    def _execute(self, ray, plan: Plan, groups: dict[tuple, list[_Slot]], tracker) -> None:
+        retries = self.sweep.retries
+        queues: dict[tuple, deque[_Task]] = {mk: deque() for mk in groups}
+        configs = {mk: cells[0].config for mk, cells in plan.models.items()}
+        cells = {c.id: c for c in plan.cells}
         baselines: dict[tuple, dict] = {}
+        studies: dict[tuple, dict] = {}  # super-weight studies
         scores: dict[tuple, dict] = {}
         evals: dict[tuple, dict] = {}  # (cell id, seed, kind) -> row
-        prog = _Progress(plan, self.progress)
-        cell_state = {c.id: "waiting" for c in plan.cells}
-        cells = {c.id: c for c in plan.cells}
+        blocked: dict[tuple, list[_Task]] = {}  # study key -> the scoring passes that rank its weights
+        state = {c.id: "waiting" for c in plan.cells}
         dependents: dict[tuple, list[Cell]] = {}  # baseline or score key -> the cells that need it
         for c in plan.cells:
-            for k in {baseline_key(c.config), *(score_key(c.config, s) for s in c.config.seeds)}:
-                dependents.setdefault(k, []).append(c)
+            for k in {baseline_key(c.config), sw_key(c.config), *(score_key(c.config, s) for s in c.config.seeds)}:
+                if k is not None:
+                    dependents.setdefault(k, []).append(c)
         for bk, cfg in plan.baselines.items():
-            ref, slot = submit(model_key(cfg), "baseline", cfg)
-            pending[ref] = ("baseline", bk, slot)
+            queues[model_key(cfg)].append(_Task("baseline", bk, model_key(cfg), (cfg,)))
+        for key, cfg in plan.studies.items():
+            queues[model_key(cfg)].append(_Task("superweights", key, model_key(cfg), (cfg,)))
         for sk, task in plan.scores.items():
             cfg = replace(task.config, topk=task.k)
-            ref, slot = submit(model_key(cfg), "score", cfg, task.seed, task.k, tuple(sorted(task.modes)))
-            pending[ref] = ("score", sk, slot)
-        for c in plan.cells:
-            prog.update(model_key(c.config), running=1)
+            t = _Task("score", sk, model_key(cfg), (cfg, task.seed, task.k, tuple(sorted(task.modes))))
+            if task.sw_key is None:
+                queues[model_key(cfg)].append(t)
+            else:  # it ranks the study's candidates: submitted when they are known
+                blocked.setdefault(task.sw_key, []).append(t)
+        prog = _Progress(plan, self.progress)
+        counts = {"baselines": 0, "super_weight_studies": 0, "scoring_passes": 0, "evaluations": 0}
+        seq = [0]
 
-        def cell_inputs_ready(cell: Cell) -> bool:
+        def fail_cell(cell: Cell, why: str, *, stage: str = "compute") -> None:
+            if state[cell.id] in ("finished", "failed"):
+                return
+            state[cell.id] = "failed"
+            self._fail_cell(cell, why, tracker, stage=stage)
+            prog.update(model_key(cell.config), failed=True)
+
+        def give_up(task: _Task, why: str) -> None:
+            what = {"baseline": "baseline", "superweights": "super-weight study", "score": f"scoring (seed {task.key[-1][1]})",
+                    "evaluate": f"evaluation (seed {task.key[1]}, {task.key[2]})"}[task.kind]
+            msg = f"{what} failed {task.tries} time(s): {why}"
+            log.error("%s", msg)
+            for c in ([cells[task.key[0]]] if task.kind == "evaluate" else dependents.get(task.key, [])):
+                fail_cell(c, msg)
+
+        def charge(task: _Task, why: str) -> None:
+            """One try used: run it again (first in its queue) or give up."""
+            task.tries += 1
+            task.errors.append(why)
+            if task.tries >= retries.task_tries:
+                give_up(task, why)
+            else:
+                log.warning("%s task failed (try %d of %d), running it again: %s", task.kind, task.tries,
+                            retries.task_tries, why)
+                queues[task.mk].appendleft(task)
+
+        def replace_actor(mk: tuple, slot: _Slot, culprit: _Task, why: str) -> None:
+            """The slot's actor is gone (or not to be trusted): charge the task it was running,
+            requeue the others free, start a new actor if the budget allows."""
+            others = [t for _, t in slot.inflight if t is not culprit]
+            slot.inflight = []
+            for t in sorted(others, key=lambda t: t.seq, reverse=True):
+                queues[mk].appendleft(t)
+            charge(culprit, why)
+            with contextlib.suppress(Exception):
+                ray.kill(slot.actor)
+            slot.deaths += 1
+            if slot.deaths > retries.actor_restarts:
+                slot.alive = False
+                log.error("an actor of %s died %d times; giving it up", configs[mk].model, slot.deaths)
+                return
+            log.warning("an actor of %s died or was reset (%s); starting a new one (%d of %d)", configs[mk].model,
+                        why, slot.deaths, retries.actor_restarts)
+            self.manifest["actor_replacements"] = self.manifest.get("actor_replacements", 0) + 1
+            slot.actor, slot.completed = self._new_actor(ray, configs[mk]), 0
+
+        def submit_ready() -> None:
+            for mk, slots in groups.items():
+                q = queues[mk]
+                live = [s for s in slots if s.alive]
+                if not live:
+                    while q:  # no actor left for this model: its work cannot be done
+                        t = q.popleft()
+                        t.tries = max(t.tries, 1)
+                        give_up(t, f"every actor of {configs[mk].model} died ({'; '.join(t.errors[-1:]) or 'no error'})")
+                    continue
+                while q:
+                    slot = min(live, key=lambda s: len(s.inflight))
+                    if len(slot.inflight) >= MAX_INFLIGHT:
+                        break
+                    t = q.popleft()
+                    if t.kind == "evaluate" and state[t.key[0]] == "failed":
+                        continue  # its cell failed already: the work would be thrown away
+                    seq[0] += 1
+                    t.seq = seq[0]
+                    slot.inflight.append((getattr(slot.actor, t.kind).remote(*t.args), t))
+
+        def inputs_ready(cell: Cell) -> bool:
             cfg = cell.config
-            return baseline_key(cfg) in baselines and all(score_key(cfg, s) in scores for s in cfg.seeds)
+            return (baseline_key(cfg) in baselines and all(score_key(cfg, s) in scores for s in cfg.seeds)
+                    and (sw_key(cfg) is None or sw_key(cfg) in studies))
 
-        def try_finish(cell: Cell) -> None:
-            cfg = cell.config
-            kinds = ("top_k", *cfg.controls)
-            if cell_state[cell.id] != "evaluating":
+        def on_result(task: _Task, value: Any) -> None:
+            if task.kind == "evaluate":
+                counts["evaluations"] += 1
+                evals[task.key] = value
+                cell = cells[task.key[0]]
+                cfg = cell.config
+                if state[cell.id] == "evaluating" and all((cell.id, s, k) in evals for s in cfg.seeds
+                                                          for k in ("top_k", *cfg.controls)):
+                    try:
+                        self._finish_cell(cell, baselines[baseline_key(cfg)], [scores[score_key(cfg, s)] for s in cfg.seeds],
+                                          [evals[(cell.id, s, k)] for s in cfg.seeds for k in ("top_k", *cfg.controls)],
+                                          tracker, studies.get(sw_key(cfg)))
+                    except Exception as e:  # noqa: BLE001 - the cell's failure is the cell's alone
+                        fail_cell(cell, f"finishing the cell failed: {_one_line(e)}",
+                                  stage=getattr(e, "cwa_stage", "write"))
+                        log.debug("%s", traceback.format_exc())
+                        return
+                    state[cell.id] = "finished"
+                    prog.update(model_key(cfg))
                 return
-            if not all((cell.id, s, k) in evals for s in cfg.seeds for k in kinds):
-                return
-            self._finish_cell(cell, baselines[baseline_key(cfg)], [scores[score_key(cfg, s)] for s in cfg.seeds],
-                              [evals[(cell.id, s, k)] for s in cfg.seeds for k in kinds], tracker)
-            cell_state[cell.id] = "finished"
-            prog.update(model_key(cfg), done=1, running=-1)
-
-        def fail_cell(cell: Cell, why: str) -> None:
-            if cell_state[cell.id] in ("finished", "failed"):
-                return
-            cell_state[cell.id] = "failed"
-            self.manifest["cells"][cell.id].update({"status": "failed", "error": why})
-            prog.update(model_key(cell.config), failed=1, running=-1)
+            counts[{"baseline": "baselines", "superweights": "super_weight_studies", "score": "scoring_passes"}[task.kind]] += 1
+            {"baseline": baselines, "superweights": studies, "score": scores}[task.kind][task.key] = value
+            if task.kind == "superweights":
+                for t in blocked.pop(task.key, []):
+                    t.args = (*t.args, tuple(value["track"]))
+                    queues[t.mk].append(t)
+            for c in dependents.get(task.key, []):
+                if state[c.id] == "waiting" and inputs_ready(c):
+                    state[c.id] = "evaluating"
+                    cfg = c.config
+                    for s in cfg.seeds:
+                        ss: SeedScores = scores[score_key(cfg, s)]["scores"]
+                        for kind in ("top_k", *cfg.controls):
+                            queues[task.mk].append(_Task("evaluate", (c.id, s, kind), task.mk,
+                                                         (cfg, ss.selection(kind, cfg.mode, cfg.topk), s)))
 
         t_start = time.perf_counter()
+        interrupted = False
         try:
-            while pending:
-                ready, _ = ray.wait(list(pending), num_returns=1)
-                self.timings.setdefault("first_result_s", time.perf_counter() - t_start)
-                ref = ready[0]
-                what, key, (mk, i) = pending.pop(ref)
-                outstanding[mk][i] -= 1
-                try:
-                    value = ray.get(ref)
-                except Exception as e:  # a task or its actor failed: fail what depends on it
-                    why = f"{what} task failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                    log.error("%s", why)
-                    for c in ([cells[key[0]]] if what == "evaluate" else dependents.get(key, [])):
-                        fail_cell(c, why)
-                    self._save()
-                    continue
-                if what == "evaluate":
-                    evals[key] = value
-                    try_finish(cells[key[0]])
-                    continue
-                (baselines if what == "baseline" else scores)[key] = value
-                for c in dependents.get(key, []):
-                    if cell_state[c.id] == "waiting" and cell_inputs_ready(c):
-                        cell_state[c.id] = "evaluating"
-                        cfg = c.config
-                        for s in cfg.seeds:
-                            ss: SeedScores = scores[score_key(cfg, s)]["scores"]
-                            for kind in ("top_k", *cfg.controls):
-                                ref2, slot = submit(model_key(cfg), "evaluate", cfg, ss.selection(kind, cfg.mode, cfg.topk), s)
-                                pending[ref2] = ("evaluate", (c.id, s, kind), slot)
+            while True:
+                submit_ready()
+                inflight = {ref: (mk, slot, t) for mk, slots in groups.items() for slot in slots
+                            for ref, t in slot.inflight}
+                if not inflight:
+                    break
+                ready, _ = ray.wait(list(inflight), num_returns=1, timeout=WAIT_S)
+                for ref in ready:
+                    mk, slot, task = inflight[ref]
+                    if (ref, task) not in slot.inflight:
+                        continue  # abandoned with a dead actor
+                    self.timings.setdefault("first_result_s", time.perf_counter() - t_start)
+                    try:
+                        value = ray.get(ref)
+                    except Exception as e:  # noqa: BLE001 - sorted below
+                        if _is_actor_loss(ray, e):
+                            culprit = min((t for _, t in slot.inflight), key=lambda t: t.seq)
+                            replace_actor(mk, slot, culprit, f"actor lost: {_one_line(e)}")
+                        elif _needs_fresh_actor(e):
+                            replace_actor(mk, slot, task, _one_line(getattr(e, "cause", None) or e))
+                        else:
+                            slot.inflight.remove((ref, task))
+                            charge(task, _one_line(getattr(e, "cause", None) or e))
+                        self._save()
+                        continue
+                    slot.inflight.remove((ref, task))
+                    slot.completed += 1
+                    on_result(task, value)
+        except KeyboardInterrupt:
+            interrupted = True
+            raise
         finally:
             self.timings["tasks_s"] = time.perf_counter() - t_start
             prog.close()
             infos = []
-            for mk, actors in groups.items():
-                for a in actors:
-                    try:
-                        infos.append(ray.get(a.info.remote(), timeout=60))
-                    except Exception as e:  # a dead actor: count what we can
-                        log.warning("actor info unavailable: %s", type(e).__name__)
-                    ray.kill(a)
-            self.manifest["model_loads"] = self.manifest.get("model_loads", 0) + sum(x["counts"]["model_loads"] for x in infos)
-            self.manifest["scoring_passes"] = self.manifest.get("scoring_passes", 0) + sum(x["counts"]["scoring_passes"] for x in infos)
+            for slots in groups.values():
+                for slot in slots:
+                    if slot.alive and not interrupted:  # busy actors would answer late: a Ctrl-C skips it
+                        try:
+                            infos.append(ray.get(slot.actor.info.remote(), timeout=10))
+                        except Exception as e:  # noqa: BLE001 - a dead actor: count what we can
+                            log.warning("actor info unavailable: %s", type(e).__name__)
+            # an actor replaced after finishing work had loaded its model too
+            self.manifest["model_loads"] = self.manifest.get("model_loads", 0) + len(infos) + sum(
+                s.deaths for slots in groups.values() for s in slots)
+            self.manifest["scoring_passes"] = self.manifest.get("scoring_passes", 0) + counts["scoring_passes"]
+            self.manifest["super_weight_studies"] = self.manifest.get("super_weight_studies", 0) + counts["super_weight_studies"]
+            self.manifest["evaluations"] = self.manifest.get("evaluations", 0) + counts["evaluations"]
             self.manifest.setdefault("actors", []).extend(
                 {"node": x.get("node"), "gpus": x.get("gpus"), "model": x["model"]["model_id"], "counts": x["counts"],
-                 "load_seconds": x["load_seconds"]} for x in infos)
+                 "load_seconds": x["load_seconds"], "rss_bytes": x.get("rss_bytes")} for x in infos)
             self.manifest["scoring_passes_by_key"] = sorted({f"{plan.scores[k].config.metric}/seed{plan.scores[k].seed}"
                                                              for k in scores})
+            for cid, st in state.items():  # cells still in flight when stopped stay pending
+                if st in ("waiting", "evaluating") and self.manifest["cells"][cid]["status"] not in ("finished", "failed"):
+                    self.manifest["cells"][cid]["status"] = "pending"
 
-    def _finish_cell(self, cell: Cell, baseline: dict, scored: list[dict], rows: list[dict], tracker) -> None:
+    # -- the study's analysis ------------------------------------------------------------------
+    def _report(self, tracker) -> None:
+        """``report: true``: the cross-model analysis and the PDF report of every finished cell,
+        in ``<root>/analysis/``; with tracking, logged to the sweep run, and each cell's critical K
+        on its run. A failure here is recorded (``report_error``), never the cells' failure."""
+        t = time.perf_counter()
+        out = self.root / "analysis"
+        try:
+            from analysis.cross_model import analyze
+            from analysis.report import write_report
+
+            result = analyze([self.root], output=out / "statistical_analysis.json")
+            write_report(result, out / "research_summary.pdf", figures_dir=out / "figures")
+            self.manifest["report"] = {"dir": "analysis", "json": "analysis/statistical_analysis.json",
+                                       "pdf": "analysis/research_summary.pdf", "error": None}
+            if tracker is not None:
+                runs = {cid: c.get("mlflow_run_id") for cid, c in self.manifest["cells"].items()}
+                per_cell: dict[str, dict[str, float]] = {}
+                for group in result.get("dose_response", []):
+                    crit = (group.get("critical") or {}).get("critical_k")
+                    if isinstance(crit, (int, float)):
+                        for cid in group.get("cells", []):
+                            if runs.get(cid):
+                                per_cell.setdefault(runs[cid], {})["critical_k"] = float(crit)
+                tracker.log_analysis(self.manifest["parent_run_id"], out, per_cell)
+        except Exception as e:  # noqa: BLE001 - the numbers stand without their report
+            log.error("the analysis or report failed: %s", _one_line(e))
+            log.debug("%s", traceback.format_exc())
+            self.manifest["report"] = {"dir": "analysis", "error": _one_line(e)}
+        self.timings["report_s"] = time.perf_counter() - t
+        self._save()
+
+    # -- one cell --------------------------------------------------------------------------
+    def _finish_cell(self, cell: Cell, baseline: dict, scored: list[dict], rows: list[dict], tracker,
+                     study: dict | None = None) -> None:
+        """Write the cell's files (then say so), then log them to MLflow (then say so)."""
         cfg = cell.config
         base: Perplexity = baseline["ppl"]
         # the worker does not know the baseline (another actor may have computed it)
@@ -303,32 +594,93 @@ class SweepRunner:
         tensors = scored[0]["tensors"]
         stability = None
         if cfg.stability_check:
-            stability = stability_report(seed_scores, k=cfg.topk, mode=cfg.mode, offsets=offsets_of(math.prod(t["shape"]) for t in tensors))
+            stability = stability_report(seed_scores, k=cfg.topk, mode=cfg.mode,
+                                         offsets=offsets_of(math.prod(t["shape"]) for t in tensors))
         timings = {"baseline_ppl (shared)": baseline["seconds"], "score (shared)": sum(s.seconds for s in seed_scores),
                    "perturb_eval": sum(r["seconds"] for r in rows)}
+        sw = None
+        if study is not None:  # the shared study, with the ranks under this cell's metric and seeds
+            timings["super_weights (shared)"] = study["seconds"]
+            sw = add_ranks(copy.deepcopy(study["report"]),
+                           {cfg.metric: {ss.seed: RankTable(ss.ranks or []) for ss in seed_scores}})
         out_cfg = with_out_dir(cell, self.root)
-        result = ExperimentResult(out_cfg, base, results, seed_scores, stability, baseline["data"], tensors, timings)
+        result = ExperimentResult(out_cfg, base, results, seed_scores, stability, baseline["data"], tensors, timings, sw)
         cell_dir = Path(out_cfg.out_dir)
-        t = time.perf_counter()
         info = baseline["model"]
-        write_experiment(cell_dir, result, model_info=info, device=info["device"], dtype=info["dtype"], started=t)
-        entry = self.manifest["cells"][cell.id]
-        entry.update({"status": "finished", "seconds": sum(timings.values()), "dir": cell.id, "error": None})
-        if tracker:
-            known = self.manifest.setdefault("stability_runs", {})
-            forgotten = set(tracker.forget_cell(cell.id, self.manifest["parent_run_id"]))
-            if forgotten:
-                log.warning("cell %s was half-logged by an interrupted run; logged again", cell.id)
-                for k in [k for k, run_id in known.items() if run_id in forgotten]:
-                    del known[k]  # its stability run went with the cell's runs: log it again
-            entry["mlflow_run_id"] = tracker.log_cell(self.manifest["parent_run_id"], cell,
-                                                      result.perturbation_report(), cell_dir)
-            if stability is not None:
-                skey = f"{cell.settings['model']}|{cfg.metric}|{cfg.mode}|K{cfg.topk}|seeds{','.join(map(str, cfg.seeds))}"
-                if skey not in known:
-                    known[skey] = tracker.log_stability(self.manifest["parent_run_id"], skey, cell, stability,
-                                                        cell_dir / "plots" / "stability_analysis.png")
+        # the cell's total: its share of the work (shared parts in full) plus writing its files
+        write_experiment(cell_dir, result, model_info=info, device=info["device"], dtype=info["dtype"],
+                         started=time.perf_counter() - sum(timings.values()))
+        entry = self._entry(cell)
+        entry.update({"status": "written", "seconds": sum(timings.values()), "dir": cell.id, "error": None,
+                      "stage": None})
         self._save()
+        faults.maybe_fault("driver:after_write", cell=cell.id)
+        self._log_cell(cell, tracker, raise_errors=True)
+
+    def _log_cell(self, cell: Cell, tracker, *, raise_errors: bool = False) -> None:
+        """Log a written cell from its folder (or, without tracking, just mark it finished)."""
+        entry = self._entry(cell)
+        cell_dir = self.root / cell.id
+        if tracker is not None:
+            try:
+                entry["mlflow_run_id"] = tracker.log_cell(self.manifest["parent_run_id"], cell, cell_dir)
+                self._log_stability(cell, cell_dir, tracker)
+            except Exception as e:  # noqa: BLE001 - MLflow down, disk full: the files stand
+                e.cwa_stage = "log"
+                if raise_errors:
+                    raise
+                self._fail_cell(cell, f"logging to MLflow failed: {_one_line(e)}", tracker, stage="log")
+                return
+            faults.maybe_fault("driver:after_log", cell=cell.id)
+        entry.update({"status": "finished", "error": None, "stage": None})
+        self._save()
+
+    def _log_stability(self, cell: Cell, cell_dir: Path, tracker) -> None:
+        cfg = cell.config
+        if not cfg.stability_check or not (cell_dir / "stability.json").exists():
+            return
+        known = self.manifest.setdefault("stability_runs", {})
+        skey = f"{cell.settings['model']}|{cfg.metric}|{cfg.mode}|K{cfg.topk}|seeds{','.join(map(str, cfg.seeds))}"
+        if skey not in known:
+            stability = json.loads((cell_dir / "stability.json").read_text())
+            known[skey] = tracker.log_stability(self.manifest["parent_run_id"], skey, cell, stability,
+                                                cell_dir / "plots" / "stability_analysis.png")
+
+    def _fail_cell(self, cell: Cell, why: str, tracker, *, stage: str) -> None:
+        """Record a failed cell: sweep manifest, ``<cell>/error.txt``, a failed cell manifest
+        (unless its complete files stand), a FAILED MLflow run. Never raises."""
+        cell_dir = self.root / cell.id
+        detail = traceback.format_exc()
+        try:
+            atomic_write(cell_dir / "error.txt", why + "\n" + ("" if detail.startswith("NoneType: None") else "\n" + detail))
+            if stage != "log":  # a logging failure leaves complete files: resume logs them
+                write_failure(cell_dir, with_out_dir(cell, self.root).to_dict(), RuntimeError(why), time.perf_counter())
+        except Exception as e:  # noqa: BLE001
+            log.warning("could not write the failure of cell %s: %s", cell.id, _one_line(e))
+        entry = self._entry(cell)
+        entry.update({"status": "failed", "error": why, "stage": stage, "error_file": str(cell_dir / "error.txt")})
+        if tracker is not None:
+            try:
+                entry["mlflow_failed_run_id"] = tracker.log_failed_cell(self.manifest["parent_run_id"], cell, why,
+                                                                        cell_dir if cell_dir.is_dir() else None)
+            except Exception as e:  # noqa: BLE001
+                log.warning("could not log the failure of cell %s to MLflow: %s", cell.id, _one_line(e))
+        with contextlib.suppress(Exception):
+            self._save()
+
+
+@contextlib.contextmanager
+def _no_sigint(active: bool):
+    """While stopping after a Ctrl-C, a second Ctrl-C must not cut the clean-up short."""
+    previous = None
+    if active:
+        with contextlib.suppress(ValueError):  # not the main thread
+            previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 class _RayWorker(ModelWorker):

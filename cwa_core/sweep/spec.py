@@ -18,24 +18,32 @@ import yaml
 
 from ..config import ConfigError, ExperimentConfig
 
-BUILTIN_DEMO = "builtin:demo"
 
 # key -> (python types allowed for one value, is it a list-valued key)
 EXPERIMENT_KEYS: dict[str, tuple[tuple[type, ...], bool]] = {
     "model": ((str,), False), "metric": ((str,), False), "topk": ((int,), False), "mode": ((str,), False),
     "perturb": ((str,), False), "perturb_scale": ((int, float, type(None)), False),
     "perturb_bit": ((int, type(None)), False), "controls": ((str,), True), "seeds": ((int,), True),
-    "max_samples": ((int,), False), "max_length": ((int,), False), "eval_samples": ((int,), False),
+    "max_samples": ((int,), False), "max_length": ((int,), False), "eval_samples": ((int, type(None)), False),
+    "protocol": ((str,), False),
     "eval_length": ((int, type(None)), False), "data_file": ((str, type(None)), False),
     "eval_file": ((str, type(None)), False), "dtype": ((str,), False), "device": ((str,), False),
     "stability_check": ((bool,), False), "save_plots": ((bool,), False), "bos": ((str,), False),
     "param_types": ((str,), True), "hutchinson_probes": ((int,), False), "micro_batch": ((int, type(None)), False),
     "eval_batch_size": ((int,), False), "revision": ((str, type(None)), False),
     "trust_remote_code": ((bool,), False), "stability_sample": ((int,), False),
+    "hf_id": ((str, type(None)), False), "detect_super_weights": ((bool,), False),
+    "super_out_ratio": ((int, float), False), "super_in_ratio": ((int, float), False),
+    "super_out_floor": ((int, float), False), "super_in_floor": ((int, float), False),
+    "super_max_rounds": ((int,), False), "super_windows": ((int,), False),
+    "super_prompt": ((str, type(None)), False),
 }
 RESOURCE_KEYS = {"gpus_per_actor": (int, float), "cpus_per_actor": (int, float), "actors_per_model": (int,)}
 TRACKING_KEYS = {"experiment": (str,), "tracking_uri": (str, type(None)), "enabled": (bool,)}
-TOP_KEYS = {"name", "resources", "tracking", *EXPERIMENT_KEYS}
+RETRY_KEYS = {"task_tries": (int,), "actor_restarts": (int,)}
+TOP_KEYS = {"name", "resources", "tracking", "retries", "report", *EXPERIMENT_KEYS}
+MAX_FILE_BYTES = 1 << 20  # a sweep file is a page of settings, not data
+MAX_NODES = 100_000  # YAML nodes after aliases are expanded (an alias bomb has billions)
 REQUIRED = ("name", "model", "metric", "topk")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -59,6 +67,12 @@ class Tracking:
 
 
 @dataclass(frozen=True)
+class Retries:
+    task_tries: int = 3  # a task (baseline, scoring, evaluation) runs at most this many times
+    actor_restarts: int = 3  # a model's actor is replaced at most this many times (it reloads its model)
+
+
+@dataclass(frozen=True)
 class Cell:
     """One resolved experiment of the grid; ``id`` is a hash of its settings."""
 
@@ -75,6 +89,8 @@ class Sweep:
     cells: list[Cell]
     resources: Resources = field(default_factory=Resources)
     tracking: Tracking = field(default_factory=Tracking)
+    retries: Retries = field(default_factory=Retries)
+    report: bool = False  # at the end: the cross-model analysis and the PDF report (analysis/)
 
     @property
     def spec_hash(self) -> str:
@@ -130,27 +146,9 @@ def _section(name: str, value: Any, allowed: dict) -> dict:
     return value
 
 
-def resolve_builtin(settings: dict, demo_paths: "tuple[str, str] | None") -> dict:
-    """Replace ``builtin:demo`` (model or data file) by the local demo model / corpus."""
-    out = dict(settings)
-    for key, idx in (("model", 0), ("data_file", 1), ("eval_file", 1)):
-        if out.get(key) == BUILTIN_DEMO:
-            if demo_paths is None:
-                raise SpecError(f"{key}: {BUILTIN_DEMO} needs the demo assets")
-            out[key] = demo_paths[idx]
-    return out
-
-
-def uses_demo(raw: dict) -> bool:
-    vals = []
-    for key in ("model", "data_file", "eval_file"):
-        v = raw.get(key)
-        vals += v["grid_search"] if isinstance(v, dict) and "grid_search" in v else [v]
-    return BUILTIN_DEMO in vals
-
-
-def parse(raw: Any, *, path: Path | None = None, demo_paths: tuple[str, str] | None = None) -> Sweep:
-    """Validate a sweep mapping and expand its grid; raises :class:`SpecError`."""
+def parse(raw: Any, *, path: Path | None = None) -> Sweep:
+    """Validate a sweep mapping and expand its grid; raises :class:`SpecError`. Cells keep
+    ``builtin:demo`` unresolved (see :func:`resolved`)."""
     if not isinstance(raw, dict):
         raise SpecError("sweep file: expected a mapping of keys to values at the top level")
     for key in raw:
@@ -166,6 +164,10 @@ def parse(raw: Any, *, path: Path | None = None, demo_paths: tuple[str, str] | N
     if resources.actors_per_model < 1 or resources.gpus_per_actor < 0 or resources.cpus_per_actor < 0:
         raise SpecError("resources: actors_per_model >= 1, gpus_per_actor >= 0, cpus_per_actor >= 0")
     tracking = Tracking(**_section("tracking", raw.get("tracking"), TRACKING_KEYS))
+    retries = Retries(**_section("retries", raw.get("retries"), RETRY_KEYS))
+    if retries.task_tries < 1 or retries.actor_restarts < 0:
+        raise SpecError(f"retries: task_tries >= 1 and actor_restarts >= 0, got {retries.task_tries} and "
+                        f"{retries.actor_restarts}")
     keys = [k for k in EXPERIMENT_KEYS if k in raw]
     axes = [_axis(k, raw[k]) for k in keys]
     cells: list[Cell] = []
@@ -174,37 +176,133 @@ def parse(raw: Any, *, path: Path | None = None, demo_paths: tuple[str, str] | N
         settings = {k: (list(v) if isinstance(v, list) else ([v] if EXPERIMENT_KEYS[k][1] else v))
                     for k, v in zip(keys, combo)}
         try:
-            config = ExperimentConfig(**resolve_builtin(settings, demo_paths))
+            config = ExperimentConfig(**settings)
         except ConfigError as e:
             raise SpecError(str(e)) from None
         except TypeError as e:
             raise SpecError(f"sweep: {e}") from None
         full = {k: v for k, v in config.to_dict().items() if k != "out_dir"}
-        full.update({k: settings[k] for k in ("model", "data_file", "eval_file") if settings.get(k) == BUILTIN_DEMO})
         cid = _hash(full)
         if cid in seen:
             continue
         seen.add(cid)
         cells.append(Cell(cid, full, config))
-    return Sweep(name, raw, path, cells, resources, tracking)
+    if not cells:
+        raise SpecError("sweep: the grid is empty")
+    report = raw.get("report", False)
+    if not isinstance(report, bool):
+        raise SpecError(f"report: expected bool (true: analyse the results and write the PDF report), got {report!r}")
+    return Sweep(name, raw, path, cells, resources, tracking, retries, report)
 
 
-def load(path: str | Path, *, demo_paths_fn=None) -> Sweep:
-    """Read and validate a sweep file. ``demo_paths_fn`` builds the demo assets on demand."""
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader (no Python objects), refusing a key given twice."""
+
+
+def _mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in seen:
+            raise SpecError(f"{key}: given twice in the sweep file (line {key_node.start_mark.line + 1})")
+        seen.add(key)
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
+
+
+def _expanded_size(node: yaml.Node, memo: dict[int, int]) -> int:
+    """Nodes in the document once its aliases are expanded, computed on the alias graph
+    (an alias bomb is small as text and as a graph, astronomically large expanded)."""
+    key = id(node)
+    if key not in memo:
+        memo[key] = 0  # a recursive alias counts as 0 here; it is refused when constructed
+        if isinstance(node, yaml.SequenceNode):
+            total = 1 + sum(_expanded_size(n, memo) for n in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            total = 1 + sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
+        else:
+            total = 1
+        memo[key] = min(total, 10 * MAX_NODES)
+    return memo[key]
+
+
+def read_yaml(p: Path) -> Any:
+    """The YAML document in ``p``, safely: size-limited, UTF-8, one document, no duplicate keys,
+    no alias expansion beyond :data:`MAX_NODES` nodes."""
+    try:
+        if p.stat().st_size > MAX_FILE_BYTES:
+            raise SpecError(f"--sweep: {p.name} is {p.stat().st_size:,} bytes; a sweep file is at most {MAX_FILE_BYTES:,}")
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SpecError(f"--sweep: {p.name} is not UTF-8 text (offset {e.start})") from None
+    except OSError as e:
+        raise SpecError(f"--sweep: cannot read {p.name} ({type(e).__name__})") from None
+    loader = _StrictLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node, {}) > MAX_NODES:
+            raise SpecError(f"--sweep: {p.name} expands (through YAML aliases) to more than {MAX_NODES:,} values; "
+                            "write the settings out")
+        return loader.construct_document(node)
+    except yaml.YAMLError as e:
+        first = str(e).replace("\n", " ").strip()
+        raise SpecError(f"--sweep: {p.name} is not valid YAML ({' '.join(first.split())[:200]})") from None
+    except RecursionError:
+        raise SpecError(f"--sweep: {p.name} nests too deeply (a recursive YAML alias?)") from None
+    finally:
+        loader.dispose()
+
+
+def load(path: str | Path) -> Sweep:
+    """Read and validate a sweep file (``builtin:demo`` left unresolved)."""
     p = Path(path)
+    if p.is_dir():
+        raise SpecError(f"--sweep: {str(path)!r} is a directory; expected a YAML file")
     if not p.is_file():
         raise SpecError(f"--sweep: no such file {str(path)!r}")
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise SpecError(f"--sweep: {p.name} is not valid YAML ({str(e).splitlines()[0]})") from None
-    # validate everything first (a placeholder stands in for the demo assets), so that a typo
-    # is reported at once, before the demo model is trained
-    sweep = parse(raw, path=p, demo_paths=(BUILTIN_DEMO, __file__))
-    if demo_paths_fn is None or not uses_demo(raw):
-        return sweep
-    return parse(raw, path=p, demo_paths=demo_paths_fn())
+    return parse(read_yaml(p), path=p)
+
+
+def resolved(sweep: Sweep, configs: dict[str, ExperimentConfig]) -> Sweep:
+    """The sweep with its cells' configs replaced (by cell id): made concrete for the model
+    (protocol defaults) and the demo resolved. Ids stay those of the settings as written."""
+    cells = [Cell(c.id, c.settings, configs.get(c.id, c.config)) for c in sweep.cells]
+    return replace(sweep, cells=cells)
 
 
 def with_out_dir(cell: Cell, root: Path) -> ExperimentConfig:
     return replace(cell.config, out_dir=str(root / cell.id))
+
+
+def prepare(sweep: Sweep) -> Sweep:
+    """The sweep as it will run: every cell checked against its model and data
+    (:mod:`cwa_core.preflight`: context, K, bit width, corpus length, files), the demo built when a
+    cell uses it, and the protocol's defaults made concrete. Raises :class:`SpecError` (one line,
+    naming the key) on the first problem, before Ray, MLflow or a results folder exist."""
+    from ..config import ConfigError
+    from ..demo import ensure_demo_assets, resolve_builtin, uses_builtin
+    from ..preflight import Preflight
+
+    pf = Preflight()
+    gpus = sweep.resources.gpus_per_actor > 0
+    configs: dict[str, ExperimentConfig] = {}
+    try:
+        for cell in sweep.cells:  # the model checks first: a typo costs no demo build
+            cfg = pf.resolve(cell.config)
+            pf.check_model(cfg, dtype=pf.run_dtype(cfg, gpus=gpus), here=not gpus)
+            configs[cell.id] = cfg
+        if any(uses_builtin(c.settings) for c in sweep.cells):
+            assets = ensure_demo_assets(progress=True)
+            for cid, cfg in configs.items():
+                built = resolve_builtin({k: getattr(cfg, k) for k in ("model", "data_file", "eval_file")}, assets)
+                configs[cid] = replace(cfg, **built)
+        for cfg in configs.values():
+            pf.check_model(cfg, dtype=pf.run_dtype(cfg, gpus=gpus), here=not gpus)
+            pf.check_data(cfg)
+    except ConfigError as e:
+        raise SpecError(str(e)) from None
+    return resolved(sweep, configs)

@@ -1,14 +1,20 @@
 """MLflow tracking, from the driver only (workers return results; they never log).
 
-Hierarchy, all in one experiment per sweep name:
-  sweep run (parent; the sweep file as artifact)
-    cell run (every setting as a param; mean ratios; the cell's output folder as artifacts)
-      one run per seed and selection (params model, metric, mode, topk, perturbation,
-      selection, seed; metrics ppl, baseline_ppl, ppl_ratio)
+Layout, all in one experiment per sweep name, marked as a model-development experiment
+(``mlflow.experimentKind``) so that ``mlflow ui`` opens on its runs table, not on the GenAI pages:
+  sweep run (the sweep file, and at the end the analysis and report, as artifacts)
     stability run per (model, metric, K, mode): jaccard_mean/min/max, spearman_mean
-Every run below the sweep run is tagged with the cell id and the sweep run's id, so a resumed
-sweep can find (and replace) what an interrupted run of the same sweep half-logged, and
-nothing else: runs of earlier sweeps of the same cells are never touched.
+  cell run, top level: one row per cell in the runs table, to sort, filter and compare: every
+  setting as a param; mean ratios by selection, Jaccard, the super-weight numbers and (after the
+  analysis) the critical K as metrics; the cell's output folder as artifacts
+    one run per seed and selection (params model, metric, mode, topk, perturbation,
+    selection, seed, ppl_status; metrics ppl, baseline_ppl, ppl_ratio, nll where finite)
+A cell is logged from its folder (the files written first are the record), so a cell whose files
+were written but whose runs were not (a driver killed in between) is logged on resume without
+recomputing anything. Every run below the sweep run is tagged with the cell id and the sweep
+run's id. When a sweep run is resumed, its runs that the manifest does not record as complete
+(left RUNNING by a dead driver, or half-logged) are marked KILLED and tagged superseded: they are
+never counted as done, never deleted, and runs of other sweeps are never touched.
 """
 from __future__ import annotations
 
@@ -17,7 +23,9 @@ import logging
 import time
 from pathlib import Path
 
-from ..experiment import ratios_by_selection
+from ..evaluate import finite_status
+from ..experiment import mean_ratio, ratios_by_selection
+from .faults import maybe_fault
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +34,11 @@ TAG_KIND = "cwa.kind"
 TAG_SWEEP = "cwa.sweep"
 TAG_STABILITY = "cwa.stability_key"
 TAG_SWEEP_RUN = "cwa.sweep_run_id"
+TAG_SUPERSEDED = "cwa.superseded"
+TAG_ERROR = "cwa.error"
+# MLflow 3 shows an experiment without this tag as a GenAI one (an empty overview page)
+EXPERIMENT_KIND = "mlflow.experimentKind"
+MODEL_DEVELOPMENT = "custom_model_development"
 
 
 def _flat(settings: dict) -> dict[str, str]:
@@ -52,19 +65,31 @@ class Tracker:
         self.client = MlflowClient(tracking_uri=self.uri)
         exp = self.client.get_experiment_by_name(experiment)
         if exp is None:
-            self.experiment_id = self.client.create_experiment(experiment, artifact_location=_artifact_root(self.uri, experiment))
+            self.experiment_id = self.client.create_experiment(experiment, artifact_location=_artifact_root(self.uri, experiment),
+                                                               tags={EXPERIMENT_KIND: MODEL_DEVELOPMENT})
         else:
             self.experiment_id = exp.experiment_id
+            if exp.tags.get(EXPERIMENT_KIND) != MODEL_DEVELOPMENT:
+                self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND, MODEL_DEVELOPMENT)
         self.experiment = experiment
         self.resumed = False  # True once start_sweep has reopened an existing sweep run
+        self.opened: set[str] = set()  # runs this driver created and has not terminated yet
 
     # -- helpers ---------------------------------------------------------------------------
-    def _run(self, name: str, parent: str | None, tags: dict) -> str:
+    def _run(self, name: str, parent: str | None, tags: dict, *, sweep_run: str | None = None) -> str:
+        """A new run: nested under ``parent``, or top level but tagged with ``sweep_run``."""
         all_tags = dict(tags)
         if parent:
             all_tags["mlflow.parentRunId"] = parent
-            all_tags.setdefault(TAG_SWEEP_RUN, parent)
-        return self.client.create_run(self.experiment_id, tags=all_tags, run_name=name).info.run_id
+        if parent or sweep_run:
+            all_tags.setdefault(TAG_SWEEP_RUN, sweep_run or parent)
+        run_id = self.client.create_run(self.experiment_id, tags=all_tags, run_name=name).info.run_id
+        self.opened.add(run_id)
+        return run_id
+
+    def _end(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status)
+        self.opened.discard(run_id)
 
     def _log(self, run_id: str, params: dict | None = None, metrics: dict | None = None) -> None:
         from mlflow.entities import Metric, Param
@@ -72,13 +97,21 @@ class Tracker:
         now = int(time.time() * 1000)
         self.client.log_batch(
             run_id,
-            metrics=[Metric(k, float(v), now, 0) for k, v in (metrics or {}).items() if v is not None],
+            metrics=[Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()
+                     if v is not None and finite_status(float(v)) == "finite"],
             params=[Param(k, str(v)[:6000]) for k, v in (params or {}).items()],
         )
 
-    def runs_tagged(self, **tags: str) -> list:
-        where = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
-        return list(self.client.search_runs([self.experiment_id], filter_string=where, max_results=5000))
+    def _search(self, where: str) -> list:
+        """Every run of the experiment matching ``where`` (paged)."""
+        out, token = [], None
+        while True:
+            page = self.client.search_runs([self.experiment_id], filter_string=where, max_results=1000,
+                                           page_token=token)
+            out.extend(page)
+            token = page.token
+            if not token:
+                return out
 
     # -- the sweep -------------------------------------------------------------------------
     def start_sweep(self, sweep, parent_run_id: str | None) -> str:
@@ -97,38 +130,105 @@ class Tracker:
 
     def end_sweep(self, run_id: str, status: str, summary: dict) -> None:
         self._log(run_id, metrics={k: v for k, v in summary.items() if isinstance(v, (int, float))})
-        self.client.set_terminated(run_id, status)
+        self._end(run_id, status)
 
-    def forget_cell(self, cell_id: str, sweep_run_id: str) -> list[str]:
-        """Delete the runs of a cell that an interrupted run of this sweep (``sweep_run_id``)
-        left behind, half-logged; returns their ids. A fresh sweep run has none to look for."""
+    def close_leftovers(self, sweep_run_id: str, cell_runs: set[str], stability_runs: set[str]) -> list[str]:
+        """Mark KILLED (and superseded) every run of this sweep run that the manifest does not
+        record as complete: cell runs not in ``cell_runs`` and their children, stability runs not
+        in ``stability_runs``. Returns their ids. A fresh sweep run has none to look for."""
         if not self.resumed:
             return []
-        runs = self.runs_tagged(**{TAG_CELL: cell_id, TAG_SWEEP_RUN: sweep_run_id})
-        for r in runs:
-            self.client.delete_run(r.info.run_id)
-        return [r.info.run_id for r in runs]
+        closed = []
+        for r in self._search(f"tags.`{TAG_SWEEP_RUN}` = '{sweep_run_id}'"):
+            tags, run_id = r.data.tags, r.info.run_id
+            kind = tags.get(TAG_KIND)
+            if tags.get(TAG_SUPERSEDED) == "true" or r.info.status == "FAILED":
+                continue
+            keep = ((kind == "cell" and run_id in cell_runs) or (kind == "seed" and tags.get("mlflow.parentRunId") in cell_runs)
+                    or (kind == "stability" and run_id in stability_runs))
+            if keep:
+                continue
+            self.client.set_tag(run_id, TAG_SUPERSEDED, "true")
+            if r.info.status != "KILLED":
+                self.client.set_terminated(run_id, "KILLED")
+            closed.append(run_id)
+        return closed
 
-    def log_cell(self, parent: str, cell, result: dict, cell_dir: Path) -> str:
-        """The cell run with its children; ``result`` is the cell's perturbation report."""
+    def kill_open(self) -> None:
+        """Ctrl-C: every run this driver opened and did not finish is marked KILLED."""
+        for run_id in list(self.opened):
+            try:
+                self._end(run_id, "KILLED")
+            except Exception as e:  # noqa: BLE001 - best effort while stopping
+                log.warning("could not mark run %s KILLED: %s", run_id, e)
+
+    # -- cells -----------------------------------------------------------------------------
+    @staticmethod
+    def _name(cell) -> str:
         cfg = cell.config
-        name = f"{Path(str(cell.settings['model'])).name}/{cfg.metric}/{cfg.mode}/K{cfg.topk}/{cfg.perturb}"
-        run_id = self._run(name, parent, {TAG_CELL: cell.id, TAG_KIND: "cell"})
-        means = ratios_by_selection(result["results"])
-        self._log(run_id, params={**_flat(cell.settings), "cell_id": cell.id, "perturbation": cfg.perturb},
+        return f"{Path(str(cell.settings['model'])).name}/{cfg.metric}/{cfg.mode}/K{cfg.topk}/{cfg.perturb}"
+
+    def log_cell(self, parent: str, cell, cell_dir: Path) -> str:
+        """The cell run with its children, read from the cell's written folder. If logging fails
+        half-way, the runs it opened are marked KILLED before the error goes on."""
+        before = set(self.opened)
+        try:
+            return self._log_cell(parent, cell, cell_dir)
+        except BaseException:
+            for run_id in self.opened - before:
+                try:
+                    self.client.set_tag(run_id, TAG_SUPERSEDED, "true")
+                    self._end(run_id, "KILLED")
+                except Exception:  # noqa: BLE001 - MLflow itself may be what failed
+                    pass
+            raise
+
+    def _log_cell(self, parent: str, cell, cell_dir: Path) -> str:
+        cfg = cell.config
+        result = json.loads((cell_dir / "perturbation_results.json").read_text())
+        manifest = json.loads((cell_dir / "manifest.json").read_text())
+        name = self._name(cell)
+        run_id = self._run(name, None, {TAG_CELL: cell.id, TAG_KIND: "cell", TAG_SWEEP: self.experiment},
+                           sweep_run=parent)
+        means = {k: mean_ratio(v) for k, v in ratios_by_selection(result["results"]).items()}
+        if manifest.get("plots_failed"):
+            self.client.set_tag(run_id, "cwa.plots_failed", "; ".join(f"{k}: {v}" for k, v in manifest["plots_failed"].items())[:5000])
+        extra = {}
+        if (cell_dir / "stability.json").exists():  # on the cell's row too, to sort and compare
+            stab = json.loads((cell_dir / "stability.json").read_text())
+            extra.update({"jaccard_mean": stab["jaccard"]["mean"], "spearman_mean": stab["spearman"]["mean"]})
+        if (cell_dir / "super_weights.json").exists():
+            report = json.loads((cell_dir / "super_weights.json").read_text())
+            every = report.get("all") or {}
+            extra.update({"super_weight_candidates": len(report["candidates"]),
+                          **{f"super_weights_{k}": every.get(k) for k in ("ratio_zeroed", "ratio_random", "ratio_restored")}})
+        self._log(run_id, params={**_flat(cell.settings), "cell_id": cell.id, "perturbation": cfg.perturb,
+                                  "protocol": (result.get("protocol") or {}).get("name", cfg.protocol)},
                   metrics={"baseline_ppl": result["baseline"]["ppl"],
-                           **{f"{k}_ppl_ratio_mean": sum(v) / len(v) for k, v in means.items()}})
+                           **{f"{k}_ppl_ratio_mean": v for k, v in means.items()}, **extra})
+        maybe_fault("driver:mid_log", cell=cell.id)
         for r in result["results"]:
             child = self._run(f"{name}/{r['selection']}/seed{r['seed']}", run_id,
                               {TAG_CELL: cell.id, TAG_KIND: "seed", TAG_SWEEP_RUN: parent})
             self._log(child, params={"model": cell.settings["model"], "metric": cfg.metric, "mode": cfg.mode,
                                      "topk": cfg.topk, "perturbation": cfg.perturb, "selection": r["selection"],
-                                     "seed": r["seed"], "cell_id": cell.id},
+                                     "seed": r["seed"], "cell_id": cell.id,
+                                     "ppl_status": r.get("ppl_status", finite_status(r["ppl"]))},
                       metrics={"ppl": r["ppl"], "baseline_ppl": result["baseline"]["ppl"], "ppl_ratio": r["ppl_ratio"],
                                "nll": r["nll"]})
-            self.client.set_terminated(child, "FINISHED")
+            self._end(child)
         self.client.log_artifacts(run_id, str(cell_dir))
-        self.client.set_terminated(run_id, "FINISHED")
+        self._end(run_id)
+        return run_id
+
+    def log_failed_cell(self, parent: str, cell, error: str, cell_dir: Path | None) -> str:
+        """A FAILED cell run carrying the error (and whatever the cell folder holds)."""
+        run_id = self._run(self._name(cell), None, {TAG_CELL: cell.id, TAG_KIND: "cell", TAG_ERROR: error[:5000],
+                                                    TAG_SWEEP: self.experiment}, sweep_run=parent)
+        self._log(run_id, params={**_flat(cell.settings), "cell_id": cell.id})
+        if cell_dir is not None and cell_dir.is_dir():
+            self.client.log_artifacts(run_id, str(cell_dir))
+        self._end(run_id, "FAILED")
         return run_id
 
     def log_stability(self, parent: str, key: str, cell, stability: dict, plot: Path | None) -> str:
@@ -144,5 +244,14 @@ class Tracker:
         self.client.log_text(run_id, json.dumps(stability, indent=2, default=str), "stability.json")
         if plot is not None and plot.exists():
             self.client.log_artifact(run_id, str(plot))
-        self.client.set_terminated(run_id, "FINISHED")
+        self._end(run_id)
         return run_id
+
+    # -- the analysis ------------------------------------------------------------------------
+    def log_analysis(self, parent: str, folder: Path, cell_metrics: dict[str, dict[str, float]]) -> None:
+        """The study's analysis and report (``folder``) on the sweep run; per-cell numbers of the
+        analysis (``cell_metrics``: MLflow cell run id -> metrics, e.g. the critical K of its
+        model and metric) on the cells' rows."""
+        self.client.log_artifacts(parent, str(folder), "analysis")
+        for run_id, metrics in cell_metrics.items():
+            self._log(run_id, metrics=metrics)
