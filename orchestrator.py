@@ -172,6 +172,12 @@ def run_sweep(args: argparse.Namespace) -> int:
               "run the same command again to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
     _sweep_summary(root, sweep)
+    if manifest.get("report", {}).get("pdf"):
+        print(f"  report: {root / manifest['report']['pdf']} (analysis: {root / manifest['report']['json']})")
+    if "experiment_id" in manifest.get("mlflow", {}):
+        from cwa_core.sweep.tracking import ui_hint
+
+        print(f"  browse: {ui_hint(manifest['mlflow']['tracking_uri'], manifest['mlflow']['experiment_id'])}")
     cells = manifest["cells"]
     n_done = sum(c["status"] == "finished" for c in cells.values())
     failed = [cid for cid, c in cells.items() if c["status"] == "failed"]

@@ -59,6 +59,24 @@ def _multi_protocol(a: dict) -> bool:
     return len(a.get("protocols", [])) > 1
 
 
+def _k_axis(ax, ks) -> None:
+    """A log K axis labelled at the measured K as plain numbers (no 3x10^1 clutter)."""
+    from matplotlib.ticker import NullFormatter, NullLocator
+
+    ks = sorted({int(k) for k in ks})
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xticks(ks, [f"{k:,}" for k in ks])
+    if len(ks) == 1:
+        ax.set_xlim(ks[0] / 2, ks[0] * 2)
+
+
+def _legend_outside(ax, **kw) -> None:
+    """The legend to the right of the axes: it never hides a point."""
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, borderaxespad=0.0, **kw)
+
+
 # --------------------------------------------------------------------------- figures
 
 def ratios_figure(a: dict) -> tuple[Figure, str]:
@@ -105,7 +123,9 @@ def ratios_figure(a: dict) -> tuple[Figure, str]:
                             else "") for g in groups], fontsize=6.5, rotation=35, ha="right")
         ax.set_ylabel("perplexity ratio (perturbed / baseline, x, log)")
         ax.set_title(model, fontsize=10)
-        ax.legend(fontsize=7, loc="upper right")
+        lo, hi = ax.get_ylim()
+        ax.set_ylim(lo, max(hi, top * 4))  # room above the highest point (and the inf markers)
+    _legend_outside(axes[len(models) - 1], fontsize=7)
     missing = []
     if "one seed" in notes:
         missing.append("points without bars have one seed (no interval)")
@@ -152,12 +172,12 @@ def dose_figure(a: dict) -> tuple[Figure, str]:
                 ax.axvline(ck, color="0.3", ls=ls, lw=0.8)
         ax.axhline(thr, color="0.4", lw=0.8, ls=":")
         ax.text(0.01, thr, f" {thr:g}x", transform=ax.get_yaxis_transform(), fontsize=7, va="bottom")
-        ax.set_xscale("log")
+        _k_axis(ax, [p["k"] for d in mine for p in d["points"]])
         ax.set_yscale("log")
         ax.set_xlabel("K (weights per tensor)" if mode == "per_layer" else "K (weights, whole model)")
         ax.set_ylabel("perplexity ratio (x, geometric mean over seeds)")
         ax.set_title(f"{metric}, {mode}", fontsize=10)
-        ax.legend(fontsize=6)
+        _legend_outside(ax, fontsize=6)
     extra = "; a panel with one K shows points only, not a curve" if single else ""
     cap = (f"Perplexity ratio against K on log-log axes per metric (line style: model; marker: selection), with the "
            f"{thr:g}x threshold (dotted) and each interpolated critical K (vertical line){extra} "
@@ -248,7 +268,7 @@ def agreement_figure(a: dict) -> tuple[Figure, str]:
         for s in mine:
             i, j = mets.index(s["metric_a"]), mets.index(s["metric_b"])
             m[i, j] = m[j, i] = _v(s["rho"]["mean"])
-        ax.imshow(m, cmap="Greys", vmin=-1, vmax=1)
+        im = ax.imshow(m, cmap="Greys", vmin=-1, vmax=1)
         for i in range(len(mets)):
             for j in range(len(mets)):
                 ax.text(j, i, "n/a" if np.isnan(m[i, j]) else f"{m[i, j]:.2f}", ha="center", va="center", fontsize=8,
@@ -256,6 +276,7 @@ def agreement_figure(a: dict) -> tuple[Figure, str]:
         ax.set_xticks(range(len(mets)), mets, rotation=30, fontsize=7)
         ax.set_yticks(range(len(mets)), mets, fontsize=7)
         ax.set_title(model + (f" [{proto}]" if _multi_protocol(a) else ""), fontsize=10)
+    fig.colorbar(im, ax=axes, shrink=0.8, label="Spearman rank correlation (mean over seeds)")
     cells = {c for s in sp for c in s["cells"]}
     return fig, (f"Spearman rank correlation between metrics on the shared weight sample (mean over seeds; 1 on the "
                  f"diagonal), one matrix per model (from {_cells_phrase(cells)}).")
@@ -282,15 +303,17 @@ def stability_figure(a: dict) -> tuple[Figure, str]:
                         color=GRAYS[i % len(GRAYS)], mfc="white" if any(di) else None, capsize=3, ms=5,
                         label=f"{key[0]} ({key[1]})" + (" [by construction]" if any(di) else ""))
         ks_here = [s["k"] for s in st if s["model_name"] == model]
-        for k, bar in ((100, 0.8), (500, 0.6), (1000, 0.4)):
-            if min(ks_here) <= k <= max(ks_here):  # a bar outside the measured K would only stretch the axis
-                ax.plot([k], [bar], marker="_", ms=14, color="0.5", ls="none")
-        ax.set_xscale("log")
+        bars = [(k, bar) for k, bar in ((100, 0.8), (500, 0.6), (1000, 0.4))
+                if min(ks_here) <= k <= max(ks_here)]  # a bar outside the measured K would only stretch the axis
+        if bars:
+            ax.plot(*zip(*bars), marker="_", ms=14, mew=2, color="0.5", ls="none",
+                    label="hypothesised bar (0.8, 0.6, 0.4 at K = 100, 500, 1000)")
+        _k_axis(ax, ks_here)
         ax.set_ylim(-0.02, 1.05)
         ax.set_xlabel("K (weights)")
         ax.set_ylabel("Jaccard of top-K sets across seeds (0-1)")
         ax.set_title(model, fontsize=10)
-        ax.legend(fontsize=6)
+        _legend_outside(ax, fontsize=6)
     cells = {c for s in st for c in s["cells"]}
     note = "; hollow markers: data-independent metrics, 1.0 by construction" if indep else ""
     return fig, (f"Top-K stability across seeds: mean Jaccard over seed pairs against K with the min-max range, "

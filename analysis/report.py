@@ -46,8 +46,9 @@ def _ci(c) -> str:
 
 
 def _table(ax, header: list[str], rows: list[list], title: str, note_more: str = "", max_rows: int = MAX_ROWS,
-           empty: str = "(nothing measured)") -> None:
-    """A fixed-width text table (monospace: columns line up whatever the content)."""
+           empty: str = "(nothing measured)", note: str | None = None) -> None:
+    """A fixed-width text table (monospace: columns line up whatever the content), with an
+    optional ``note`` line above the header (under the title, never over it)."""
     cells = [[_fmt(v) for v in r] for r in rows[:max_rows]]
     caps = [28] * (len(header) - 1) + [64]  # the last column may hold a sentence
     widths = [min(max([len(h)] + [len(r[i]) for r in cells]), cap) for i, (h, cap) in enumerate(zip(header, caps))]
@@ -55,7 +56,7 @@ def _table(ax, header: list[str], rows: list[list], title: str, note_more: str =
     def line(vals):
         return "  ".join(str(v)[:w].ljust(w) for v, w in zip(vals, widths))
 
-    out = [line(header), "  ".join("-" * w for w in widths)] + [line(r) for r in cells]
+    out = ([note, ""] if note else []) + [line(header), "  ".join("-" * w for w in widths)] + [line(r) for r in cells]
     if not rows:
         out.append(empty)
     elif len(rows) > max_rows:
@@ -177,9 +178,9 @@ def dose_page(a: dict) -> Figure:
     t.axis("off")
     sub1, sub2 = t.inset_axes((0, 0.42, 1, 0.58)), t.inset_axes((0, 0.0, 1, 0.36))
     test = (a["paired_tests"] or [{"test": "none run"}])[0]["test"]
-    _table(sub1, ["model", "metric", "K", "mode", "control", "n", "mean dlog", "p", "Wilcoxon p", "verdict"], rows,
-           "Paired test of top_k against random_k over seeds", " (and bottom_k) in paired_tests.parquet", max_rows=16)
-    sub1.text(0, 1.0, f"test: {test}", fontsize=6.5, va="bottom", transform=sub1.transAxes)
+    _table(sub1, ["model", "metric", "K", "mode", "control", "n", "mean dlog ratio", "p", "Wilcoxon p", "verdict"], rows,
+           "Paired test of top_k against random_k over seeds", " (and bottom_k) in paired_tests.parquet", max_rows=16,
+           note=f"test: {test}; dlog ratio = log(top_k ratio) - log(random_k ratio), per seed")
     _table(sub2, ["model", "metric", "mode", "perturb", "K measured", "critical K", "bound", "bracket", "random_k there"],
            crit, f"Critical K: smallest K whose top-K ratio (geometric mean) reaches "
                  f"{a['options']['compare']['threshold']:g}x, log-log interpolated", " in dose_response.parquet", max_rows=10)

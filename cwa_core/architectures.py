@@ -131,9 +131,13 @@ def arch_spec(model_or_type: nn.Module | str) -> ArchSpec:
     try:
         return ARCHITECTURES[model_type]
     except KeyError:
-        raise UnsupportedArchitectureError(
-            f"unsupported model_type {model_type!r}; supported: {', '.join(sorted(ARCHITECTURES))}"
-        ) from None
+        raise UnsupportedArchitectureError(unsupported_message(model_type)) from None
+
+
+def unsupported_message(model_type: str) -> str:
+    """One line: the model type is not in the table, which types are, where to add it."""
+    return (f"unsupported model_type {model_type!r}; supported: {', '.join(sorted(ARCHITECTURES))} "
+            "(add it to cwa_core.architectures.ARCHITECTURES)")
 
 
 def _model_type(model: nn.Module) -> str:

@@ -447,43 +447,12 @@ def _train_tokenizer(corpus: str, vocab_size: int) -> Any:
     return tokenizer
 
 
-def _windows(ids: Any, starts: Any, seq_len: int) -> Any:
-    """Rows of ``[BOS] + ids[start : start + seq_len - 1]``."""
-    import torch
+def _stream(ids: Any) -> Any:
+    """The ids as a one-stream :class:`~cwa_core.data.TokenStream` with BOS at each window (this
+    module is also loaded standalone for the corpus: the package is imported only here)."""
+    from .data import TokenStream
 
-    body = ids[starts[:, None] + torch.arange(seq_len - 1)]
-    bos = torch.full((len(starts), 1), BOS_ID, dtype=ids.dtype)
-    return torch.cat([bos, body], dim=1)
-
-
-def heldout_windows(ids: Any, seq_len: int) -> Any:
-    """Non-overlapping ``[BOS] + (seq_len - 1)`` token windows over a 1-D id tensor."""
-    import torch
-
-    body = seq_len - 1
-    count = len(ids) // body
-    return _windows(ids, torch.arange(count) * body, seq_len)
-
-
-def windows_perplexity(model: Any, windows: Any, batch_size: int = 32) -> float:
-    """exp(mean next-token cross-entropy) over the windows (the BOS is never a target)."""
-    import torch
-    import torch.nn.functional as F
-
-    total, count = 0.0, 0
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        for i in range(0, len(windows), batch_size):
-            batch = windows[i : i + batch_size]
-            logits = model(input_ids=batch).logits[:, :-1].float()
-            targets = batch[:, 1:]
-            total += F.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
-            ).item()
-            count += targets.numel()
-    model.train(was_training)
-    return math.exp(total / count)
+    return TokenStream(ids, BOS_ID, "window", "demo corpus")
 
 
 def _lr_at(step: int, recipe: DemoRecipe) -> float:
@@ -544,8 +513,12 @@ def _build(out: Path, recipe: DemoRecipe, *, progress: bool) -> None:
             t_train = time.perf_counter()
             final_loss = _train(model, train_ids, recipe, progress=progress)
             train_seconds = time.perf_counter() - t_train
-        held = heldout_windows(held_ids, recipe.seq_len)
-        heldout_ppl = windows_perplexity(model, held)
+        from .evaluate import perplexity
+
+        held_stream = _stream(held_ids)
+        held = held_stream.windows(recipe.seq_len, torch.arange(held_stream.n_windows(recipe.seq_len))
+                                   * held_stream.content_len(recipe.seq_len))
+        heldout_ppl = perplexity(model.eval(), held, batch_size=32).ppl
     finally:
         torch.set_num_threads(previous_threads)
     model.save_pretrained(model_dir)
@@ -598,6 +571,7 @@ def _train(model: Any, train_ids: Any, recipe: DemoRecipe, *, progress: bool) ->
         betas=(0.9, 0.95),
     )
     high = len(train_ids) - (recipe.seq_len - 1) + 1
+    train_stream = _stream(train_ids)
     recent: list[float] = []
     model.train()
     bar = tqdm(range(recipe.steps), desc="training demo model", disable=not progress, leave=False)
@@ -605,7 +579,7 @@ def _train(model: Any, train_ids: Any, recipe: DemoRecipe, *, progress: bool) ->
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, recipe)
         starts = torch.randint(0, high, (recipe.batch_size,), generator=generator)
-        batch = _windows(train_ids, starts, recipe.seq_len)
+        batch = train_stream.windows(recipe.seq_len, starts)  # [BOS] + seq_len - 1 tokens from each start
         loss = model(input_ids=batch, labels=batch).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

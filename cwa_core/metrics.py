@@ -244,24 +244,39 @@ def _nll_sum(logits: torch.Tensor, ids: torch.Tensor, lean: bool) -> torch.Tenso
     return nll_sum(logits, ids)
 
 
+def _batches(model: nn.Module, calib: torch.Tensor, batch: int | None, opts: ScoreOptions, desc: str):
+    """Yield (is_last, ids on the model's device) over the calibration windows (N, L) in batches
+    of ``batch`` windows (None: all at once), with a progress bar."""
+    device = model_device(model)
+    parts = _chunks(calib, batch)
+    unit = "window" if batch == 1 else "batch"
+    for i, ids in enumerate(tqdm(parts, desc=desc, disable=not opts.progress, leave=False, unit=unit)):
+        yield i == len(parts) - 1, ids.to(device, non_blocking=True)
+
+
 def _mean_nll_parts(model: nn.Module, calib: torch.Tensor, opts: ScoreOptions, desc: str, lean: bool = True):
     """Yield (is_last, loss part) whose sum is the mean next-token NLL over all windows.
     ``lean``: for one plain backward (see :class:`_LeanNLLSum`); False where it is differentiated twice."""
-    device = model_device(model)
     n_tok = calib.shape[0] * (calib.shape[1] - 1)
-    parts = _chunks(calib, opts.micro_batch)
-    for i, ids in enumerate(tqdm(parts, desc=desc, disable=not opts.progress, leave=False, unit="batch")):
-        ids = ids.to(device, non_blocking=True)
-        yield i == len(parts) - 1, _nll_sum(logits_of(model, ids), ids, lean) / n_tok
+    for last, ids in _batches(model, calib, opts.micro_batch, opts, desc):
+        yield last, _nll_sum(logits_of(model, ids), ids, lean) / n_tok
+
+
+def _per_window_nll(model: nn.Module, calib: torch.Tensor, opts: ScoreOptions, desc: str):
+    """Yield (True, the mean NLL of one window) for every window: each is a loss of its own."""
+    for _, ids in _batches(model, calib, 1, opts, desc):
+        yield True, _nll_sum(logits_of(model, ids), ids, True) / (ids.shape[1] - 1)
 
 
 def _by_param(refs: Sequence[ParamRef]) -> dict[int, ParamRef]:
     return {id(r.param): r for r in refs}
 
 
-def _hooked_backward(model, refs, calib, opts, on_grad: Callable[[ParamRef, torch.Tensor], None], desc: str):
+def _hooked_backward(model, refs, calib, opts, on_grad: Callable[[ParamRef, torch.Tensor], None], desc: str,
+                     per_window: bool = False):
     """One backward of the mean calibration loss; ``on_grad`` sees each complete gradient,
-    which is freed right after. With micro-batches, gradients accumulate until the last."""
+    which is freed right after. With micro-batches, gradients accumulate until the last.
+    ``per_window``: one backward per window instead, ``on_grad`` seeing every window's gradient."""
     lookup = _by_param(refs)
     armed = [False]
 
@@ -273,7 +288,8 @@ def _hooked_backward(model, refs, calib, opts, on_grad: Callable[[ParamRef, torc
     handles = [r.param.register_post_accumulate_grad_hook(hook) for r in refs]
     try:
         with checkpointed_blocks(model, opts.checkpoint):
-            for last, loss in _mean_nll_parts(model, calib, opts, desc):
+            parts = _per_window_nll(model, calib, opts, desc) if per_window else _mean_nll_parts(model, calib, opts, desc)
+            for last, loss in parts:
                 armed[0] = last
                 loss.backward()
                 del loss
@@ -318,23 +334,7 @@ def _grad_squared(model, refs, calib, sink, opts):
         else:
             acc[id(r.param)] = g * g
 
-    device = model_device(model)
-    lookup = _by_param(refs)
-
-    def hook(p: torch.Tensor) -> None:
-        on_grad(lookup[id(p)], p.grad)
-        p.grad = None
-
-    handles = [r.param.register_post_accumulate_grad_hook(hook) for r in refs]
-    try:
-        with checkpointed_blocks(model, opts.checkpoint):
-            for w in tqdm(range(calib.shape[0]), desc="grad_squared", disable=not opts.progress,
-                          leave=False, unit="window"):
-                window = calib[w : w + 1].to(device)
-                (_nll_sum(logits_of(model, window), window, True) / (window.shape[1] - 1)).backward()
-    finally:
-        for h in handles:
-            h.remove()
+    _hooked_backward(model, refs, calib, opts, on_grad, "grad_squared", per_window=True)
     for r in refs:
         a = acc.pop(id(r.param), None)  # None: the tensor never got a gradient
         sink(r, a if a is not None else torch.zeros(r.shape, device=r.param.device))
@@ -574,9 +574,8 @@ def _activation_scores(model, refs, calib, sink, opts, use_max: bool) -> None:
 
 
 def _forward_only(model, calib, opts, desc):
-    device = model_device(model)
-    for ids in tqdm(_chunks(calib, opts.micro_batch), desc=desc, disable=not opts.progress, leave=False, unit="batch"):
-        yield logits_of(model, ids.to(device, non_blocking=True))
+    for _, ids in _batches(model, calib, opts.micro_batch, opts, desc):
+        yield logits_of(model, ids)
 
 
 @metric("wanda", unsupported=_activation_unsupported,

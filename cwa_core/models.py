@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from packaging.version import Version
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers import PreTrainedTokenizerBase
 
-from .architectures import ARCHITECTURES, decoder_layers
+from .architectures import ARCHITECTURES, decoder_layers, unsupported_message
 
 HUB_TIMEOUT_S = 10.0  # one metadata request to the Hub; no retries
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
@@ -459,10 +460,7 @@ def _peek_model_type(where: str) -> str | None:
 
 
 def _unsupported(model_type: str) -> ModelLoadError:
-    return ModelLoadError(
-        f"unsupported model_type {model_type!r}; supported: {', '.join(sorted(ARCHITECTURES))} "
-        "(add it to cwa_core.architectures.ARCHITECTURES)"
-    )
+    return ModelLoadError(unsupported_message(model_type))
 
 
 def _translate(model_id: str, revision: str | None, err: BaseException, what: str) -> BaseException:
@@ -472,6 +470,9 @@ def _translate(model_id: str, revision: str | None, err: BaseException, what: st
     hub = _hub_error(model_id, revision, err)
     if hub is not None:
         return hub
+    if isinstance(err, pickle.UnpicklingError):  # weights_only loading refused what the pickle asks for
+        return ModelLoadError(f"cannot load the {what} of {model_id!r}: its pickled checkpoint holds more than "
+                              "tensors (it could run code) and is refused; use a safetensors checkpoint")
     if isinstance(err, (OSError, ValueError, KeyError)):
         hint = ""
         if what == "config" and "trust_remote_code" in str(err):

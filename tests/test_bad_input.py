@@ -180,3 +180,33 @@ def test_trust_remote_code_stays_off_unless_asked(place, capsys):
     orchestrator.main(argv)
     capsys.readouterr()
     assert not (place / "pwned").exists() and not (model / "pwned").exists()
+
+
+class _Payload:
+    """Unpickling this runs a shell command: what a booby-trapped checkpoint would do."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_pickled_checkpoint_is_loaded_with_weights_only_never_executed(place, capsys):
+    """A .bin checkpoint whose pickle would run code is refused (torch's weights_only loading),
+    with one line; the code never runs."""
+    import torch
+
+    model = place / "trapped"
+    model.mkdir()
+    (model / "config.json").write_text((STORIES / "config.json").read_text())
+    for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
+        if (STORIES / name).exists():
+            os.symlink(STORIES / name, model / name)
+    marker = place / "pwned"
+    torch.save({"model.embed_tokens.weight": _Payload(str(marker))}, model / "pytorch_model.bin")
+    rc = orchestrator.main(["--model", str(model), "--data-file", "corpus.txt", "--metric", "magnitude", "--topk", "5",
+                            "--max-length", "64", "--eval-samples", "8", "--out-dir", "out", "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("orchestrator.py: error: --model: cannot load the weights")
+    assert not marker.exists() and not (place / "out").exists()

@@ -84,7 +84,7 @@ def test_the_study_ends_with_its_analysis_and_report(smoke):
     tmp, uri = smoke
     out = tmp / "results" / "analysis"
     analysis = json.loads((out / "statistical_analysis.json").read_text())
-    assert analysis["n_cells"] == 4 if "n_cells" in analysis else len(analysis["cells"]) == 4
+    assert analysis["cells"]["n_loaded"] == 4 and analysis["cells"]["n_skipped"] == 0
     pdf = (out / "research_summary.pdf").read_bytes()
     assert pdf.startswith(b"%PDF") and pdf.count(b"/Type /Page") >= 5
     c, _, by = mlflow_runs_by_kind(uri, "smoke")

@@ -318,7 +318,8 @@ class SweepRunner:
 
         t = time.perf_counter()
         tracker = Tracker(self.tracking_uri, self.sweep.tracking.experiment or self.sweep.name)
-        self.manifest["mlflow"] = {"tracking_uri": tracker.uri, "experiment": tracker.experiment}
+        self.manifest["mlflow"] = {"tracking_uri": tracker.uri, "experiment": tracker.experiment,
+                                   "experiment_id": tracker.experiment_id}
         self.manifest["parent_run_id"] = tracker.start_sweep(self.sweep, self.manifest.get("parent_run_id"))
         self.timings["tracking_start_s"] = time.perf_counter() - t
         return tracker

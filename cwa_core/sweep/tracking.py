@@ -41,6 +41,16 @@ EXPERIMENT_KIND = "mlflow.experimentKind"
 MODEL_DEVELOPMENT = "custom_model_development"
 
 
+def ui_hint(uri: str, experiment_id: str, port: int = 5000) -> str:
+    """How to look at a study in ``mlflow ui``: the command (this machine only) and the page of its
+    cell runs, sorted by top-K damage, as charts (MLflow 3 opens on its GenAI pages unless the
+    address asks for model training)."""
+    query = ("workflowType=machine_learning&searchFilter=tags.%60cwa.kind%60%20%3D%20%27cell%27"
+             "&orderByKey=metrics.%60top_k_ppl_ratio_mean%60&orderByAsc=false&compareRunsMode=CHART")
+    return (f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port {port}, then open "
+            f"http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs?{query}")
+
+
 def _flat(settings: dict) -> dict[str, str]:
     return {k: (",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)) for k, v in settings.items()}
 
