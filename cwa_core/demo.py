@@ -49,7 +49,7 @@ UNK_TOKEN, BOS_TOKEN, EOS_TOKEN = "<unk>", "<s>", "</s>"
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
 
 CORPUS_FILE = "corpus.txt"
-MODEL_SUBDIR = "model"
+MODEL_SUBDIR = "cwa-demo"  # the folder name is the model's name in results and analyses
 INFO_FILE = "demo_info.json"
 _MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 _STALE_TMP_SECONDS = 6 * 3600

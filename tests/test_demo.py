@@ -167,7 +167,7 @@ def test_concurrent_builder_wins(
 
     monkeypatch.setattr(demo, "_build", other_process_finishes_first)
     result = ensure_demo_assets(target, progress=False)
-    assert result.model_dir == target / "model"
+    assert result.model_dir == target / demo.MODEL_SUBDIR
     theirs = assets.corpus_path.read_text(encoding="utf-8")
     assert result.corpus_path.read_text(encoding="utf-8") == theirs
     assert [p.name for p in tmp_path.iterdir()] == ["cache"]
@@ -186,7 +186,7 @@ def test_damaged_cache_is_rebuilt(
     source = assets.model_dir.parent
     target = tmp_path / "cache"
     shutil.copytree(source, target)
-    (target / "model" / "model.safetensors").unlink()  # e.g. deleted by hand
+    (target / demo.MODEL_SUBDIR / "model.safetensors").unlink()  # e.g. deleted by hand
     calls = []
 
     def rebuild(out: Path, recipe: object, *, progress: bool) -> None:

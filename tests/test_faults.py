@@ -469,3 +469,25 @@ def test_an_actor_memory_stays_flat_over_hundreds_of_tasks(ray_local):
     ray_local.kill(actor)
     print(f"actor RSS after 10 tasks {early / 2**20:.1f} MiB, after 410: {late / 2**20:.1f} MiB ({late / early:.4f}x)")
     assert late <= early * 1.05, (early, late)
+
+
+def test_a_figure_that_fails_is_named_in_the_manifest_and_the_numbers_stand(tmp_path, monkeypatch):
+    """Numbers first, figures last, each on its own: one figure raising leaves the other four and
+    every number written, and the manifest names the failed figure with its error."""
+    from cwa_core import plots
+
+    def broken(*a, **k):
+        raise RuntimeError("a font went missing")
+
+    monkeypatch.setattr(plots, "plot_stability", broken)
+    out = tmp_path / "out"
+    assert orchestrator.main(["--model", str(STORIES), "--data-file", str(TINYSTORIES), "--metric", "magnitude",
+                              "--topk", "5", "--seeds", "0,1", "--stability-check", "--save-plots", "--max-length", "32",
+                              "--eval-samples", "4", "--out-dir", str(out), "--no-progress"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "finished"
+    assert manifest["plots_failed"] == {"stability_analysis.png": "RuntimeError: a font went missing"}
+    assert sorted(f for f in manifest["files"] if f.startswith("plots/")) == [
+        "plots/layer_comparison.png", "plots/perturbation_effects.png", "plots/sensitivity_distribution.png",
+        "plots/sensitivity_heatmap.png"]
+    assert json.loads((out / "stability.json").read_text())["jaccard"]["mean"] == 1.0  # magnitude: by construction

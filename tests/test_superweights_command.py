@@ -95,6 +95,9 @@ def test_a_sweep_studies_once_per_model_and_ranks_under_each_cells_metric(plante
     _, runs, by = mlflow_runs_by_kind(uri, "swsweep")
     for r in by["cell"]:
         assert r.data.metrics["super_weight_candidates"] == 1 and r.data.metrics["super_weights_ratio_zeroed"] > 100
+        m = r.data.metrics  # the perplexities of the causal test, all candidates together
+        assert m["super_weights_ppl_zeroed"] > 100 * m["super_weights_ppl_random"]
+        assert m["super_weights_ppl_restored"] < m["super_weights_ppl_zeroed"] / 10
     from mlflow.tracking import MlflowClient
 
     arts = {a.path for a in MlflowClient(uri).list_artifacts(by["cell"][0].info.run_id, "plots")}

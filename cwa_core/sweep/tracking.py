@@ -210,7 +210,11 @@ class Tracker:
         if (cell_dir / "super_weights.json").exists():
             report = json.loads((cell_dir / "super_weights.json").read_text())
             every = report.get("all") or {}
+            random_ppl = every.get("ppl_random")
             extra.update({"super_weight_candidates": len(report["candidates"]),
+                          "super_weights_ppl_zeroed": every.get("ppl_zeroed"),
+                          "super_weights_ppl_random": random_ppl.get("mean") if isinstance(random_ppl, dict) else None,
+                          "super_weights_ppl_restored": every.get("ppl_restored"),
                           **{f"super_weights_{k}": every.get(k) for k in ("ratio_zeroed", "ratio_random", "ratio_restored")}})
         self._log(run_id, params={**_flat(cell.settings), "cell_id": cell.id, "perturbation": cfg.perturb,
                                   "protocol": (result.get("protocol") or {}).get("name", cfg.protocol)},
