@@ -29,6 +29,7 @@ bench: setup
 	MALLOC_MMAP_THRESHOLD_=65536 $(BIN)/python -m benchmarks.topk
 	MALLOC_MMAP_THRESHOLD_=65536 $(BIN)/python -m benchmarks.gradient_memory
 	MALLOC_MMAP_THRESHOLD_=65536 $(BIN)/python -m benchmarks.perturb
+	MALLOC_MMAP_THRESHOLD_=65536 $(BIN)/python -m benchmarks.random_k_memory
 	$(BIN)/python -m benchmarks.sweep_overhead --two-actors  # timing: default malloc
 	$(BIN)/python -m benchmarks.gpu_8b  # on the GPU when there is one, else the CPU smoke run
 

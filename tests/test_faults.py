@@ -285,6 +285,7 @@ def test_ctrl_c_stops_within_seconds_keeps_finished_cells_and_leaves_nothing_beh
     assert p.returncode == 0, err[-2000:]
     m = json.loads(manifest.read_text())
     assert all(c["status"] == "finished" for c in m["cells"].values()) and m["runs"][-1]["started_cells"] == 1
+    assert m["runs"][-1]["timings_s"]["ray_shutdown_s"] > 0  # the command's own Ray, shut down and timed
 
 
 def test_a_second_driver_on_the_same_results_folder_is_refused(tmp_path, capsys):

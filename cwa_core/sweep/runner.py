@@ -309,8 +309,12 @@ class SweepRunner:
                     with contextlib.suppress(Exception):
                         ray.kill(slot.actor)
             if owns_ray:
+                t = time.perf_counter()
                 with contextlib.suppress(Exception):
                     ray.shutdown()
+                self.timings["ray_shutdown_s"] = time.perf_counter() - t  # the same dict as the manifest's run entry
+                with contextlib.suppress(Exception):
+                    self._save()
 
     # -- start-up --------------------------------------------------------------------------
     def _start_tracking(self):
