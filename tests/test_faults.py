@@ -134,10 +134,10 @@ def test_an_exception_while_finishing_one_cell_fails_that_cell_alone_and_resume_
             raise OSError(28, "No space left on device")
         return real_write(out_dir, *a, **k)
 
-    def log_cell(self, parent, cell, cell_dir):
+    def log_cell(self, cell, cell_dir):
         if cell.id == ids[1]:
             raise ConnectionError("MLflow server unreachable")
-        return real_log(self, parent, cell, cell_dir)
+        return real_log(self, cell, cell_dir)
 
     monkeypatch.setattr(runner_mod, "write_experiment", write)
     monkeypatch.setattr(tracking.Tracker, "log_cell", log_cell)

@@ -293,11 +293,11 @@ class SweepRunner:
                                                      "status": status, "timings_s": self.timings})
         with contextlib.suppress(Exception):
             self._save()
-        if tracker is not None and "parent_run_id" in self.manifest:
+        if tracker is not None and tracker.sweep_run_id is not None:
             try:
                 if self.interrupted:
                     tracker.kill_open()
-                tracker.end_sweep(self.manifest["parent_run_id"], status, {
+                tracker.end_sweep(status, {
                     "cells_finished": sum(c["status"] == "finished" for c in self.manifest["cells"].values()),
                     "cells_failed": sum(c["status"] == "failed" for c in self.manifest["cells"].values()),
                     "model_loads": self.manifest.get("model_loads", 0)})
@@ -333,7 +333,7 @@ class SweepRunner:
         cells = self.manifest["cells"].values()
         kept = {c["mlflow_run_id"] for c in cells if c.get("status") == "finished" and c.get("mlflow_run_id")}
         stab = set(self.manifest.get("stability_runs", {}).values())
-        closed = set(tracker.close_leftovers(self.manifest["parent_run_id"], kept, stab))
+        closed = set(tracker.close_leftovers(kept, stab))
         if closed:
             log.warning("marked %d MLflow run(s) of an interrupted run of this sweep KILLED (superseded)", len(closed))
             runs = self.manifest.get("stability_runs", {})
@@ -579,7 +579,7 @@ class SweepRunner:
                         for cid in group.get("cells", []):
                             if runs.get(cid):
                                 per_cell.setdefault(runs[cid], {})["critical_k"] = float(crit)
-                tracker.log_analysis(self.manifest["parent_run_id"], out, per_cell)
+                tracker.log_analysis(out, per_cell)
         except Exception as e:  # noqa: BLE001 - the numbers stand without their report
             log.error("the analysis or report failed: %s", _one_line(e))
             log.debug("%s", traceback.format_exc())
@@ -628,7 +628,7 @@ class SweepRunner:
         cell_dir = self.root / cell.id
         if tracker is not None:
             try:
-                entry["mlflow_run_id"] = tracker.log_cell(self.manifest["parent_run_id"], cell, cell_dir)
+                entry["mlflow_run_id"] = tracker.log_cell(cell, cell_dir)
                 self._log_stability(cell, cell_dir, tracker)
             except Exception as e:  # noqa: BLE001 - MLflow down, disk full: the files stand
                 e.cwa_stage = "log"
@@ -648,8 +648,7 @@ class SweepRunner:
         skey = f"{cell.settings['model']}|{cfg.metric}|{cfg.mode}|K{cfg.topk}|seeds{','.join(map(str, cfg.seeds))}"
         if skey not in known:
             stability = json.loads((cell_dir / "stability.json").read_text())
-            known[skey] = tracker.log_stability(self.manifest["parent_run_id"], skey, cell, stability,
-                                                cell_dir / "plots" / "stability_analysis.png")
+            known[skey] = tracker.log_stability(skey, cell, stability, cell_dir / "plots" / "stability_analysis.png")
 
     def _fail_cell(self, cell: Cell, why: str, tracker, *, stage: str) -> None:
         """Record a failed cell: sweep manifest, ``<cell>/error.txt``, a failed cell manifest
@@ -666,8 +665,7 @@ class SweepRunner:
         entry.update({"status": "failed", "error": why, "stage": stage, "error_file": str(cell_dir / "error.txt")})
         if tracker is not None:
             try:
-                entry["mlflow_failed_run_id"] = tracker.log_failed_cell(self.manifest["parent_run_id"], cell, why,
-                                                                        cell_dir if cell_dir.is_dir() else None)
+                entry["mlflow_failed_run_id"] = tracker.log_failed_cell(cell, why, cell_dir if cell_dir.is_dir() else None)
             except Exception as e:  # noqa: BLE001
                 log.warning("could not log the failure of cell %s to MLflow: %s", cell.id, _one_line(e))
         with contextlib.suppress(Exception):

@@ -83,6 +83,7 @@ class Tracker:
                 self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND, MODEL_DEVELOPMENT)
         self.experiment = experiment
         self.resumed = False  # True once start_sweep has reopened an existing sweep run
+        self.sweep_run_id: str | None = None  # set by start_sweep; every later run belongs to it
         self.opened: set[str] = set()  # runs this driver created and has not terminated yet
 
     # -- helpers ---------------------------------------------------------------------------
@@ -125,10 +126,12 @@ class Tracker:
 
     # -- the sweep -------------------------------------------------------------------------
     def start_sweep(self, sweep, parent_run_id: str | None) -> str:
+        """Open the sweep run (``parent_run_id``: reopen it, a resumed sweep) and return its id."""
         if parent_run_id:
             try:
                 self.client.update_run(parent_run_id, status="RUNNING")
                 self.resumed = True
+                self.sweep_run_id = parent_run_id
                 return parent_run_id
             except Exception:  # deleted or from another store: start afresh
                 log.warning("parent run %s not found in %s; starting a new one", parent_run_id, self.uri)
@@ -136,20 +139,21 @@ class Tracker:
         self._log(run_id, params={"sweep": sweep.name, "cells": len(sweep.cells), "spec_hash": sweep.spec_hash})
         if sweep.path is not None:
             self.client.log_artifact(run_id, str(sweep.path))
+        self.sweep_run_id = run_id
         return run_id
 
-    def end_sweep(self, run_id: str, status: str, summary: dict) -> None:
-        self._log(run_id, metrics={k: v for k, v in summary.items() if isinstance(v, (int, float))})
-        self._end(run_id, status)
+    def end_sweep(self, status: str, summary: dict) -> None:
+        self._log(self.sweep_run_id, metrics={k: v for k, v in summary.items() if isinstance(v, (int, float))})
+        self._end(self.sweep_run_id, status)
 
-    def close_leftovers(self, sweep_run_id: str, cell_runs: set[str], stability_runs: set[str]) -> list[str]:
+    def close_leftovers(self, cell_runs: set[str], stability_runs: set[str]) -> list[str]:
         """Mark KILLED (and superseded) every run of this sweep run that the manifest does not
         record as complete: cell runs not in ``cell_runs`` and their children, stability runs not
         in ``stability_runs``. Returns their ids. A fresh sweep run has none to look for."""
         if not self.resumed:
             return []
         closed = []
-        for r in self._search(f"tags.`{TAG_SWEEP_RUN}` = '{sweep_run_id}'"):
+        for r in self._search(f"tags.`{TAG_SWEEP_RUN}` = '{self.sweep_run_id}'"):
             tags, run_id = r.data.tags, r.info.run_id
             kind = tags.get(TAG_KIND)
             if tags.get(TAG_SUPERSEDED) == "true" or r.info.status == "FAILED":
@@ -178,12 +182,12 @@ class Tracker:
         cfg = cell.config
         return f"{Path(str(cell.settings['model'])).name}/{cfg.metric}/{cfg.mode}/K{cfg.topk}/{cfg.perturb}"
 
-    def log_cell(self, parent: str, cell, cell_dir: Path) -> str:
+    def log_cell(self, cell, cell_dir: Path) -> str:
         """The cell run with its children, read from the cell's written folder. If logging fails
         half-way, the runs it opened are marked KILLED before the error goes on."""
         before = set(self.opened)
         try:
-            return self._log_cell(parent, cell, cell_dir)
+            return self._log_cell(cell, cell_dir)
         except BaseException:
             for run_id in self.opened - before:
                 try:
@@ -193,13 +197,13 @@ class Tracker:
                     pass
             raise
 
-    def _log_cell(self, parent: str, cell, cell_dir: Path) -> str:
+    def _log_cell(self, cell, cell_dir: Path) -> str:
         cfg = cell.config
         result = json.loads((cell_dir / "perturbation_results.json").read_text())
         manifest = json.loads((cell_dir / "manifest.json").read_text())
         name = self._name(cell)
         run_id = self._run(name, None, {TAG_CELL: cell.id, TAG_KIND: "cell", TAG_SWEEP: self.experiment},
-                           sweep_run=parent)
+                           sweep_run=self.sweep_run_id)
         means = {k: mean_ratio(v) for k, v in ratios_by_selection(result["results"]).items()}
         if manifest.get("plots_failed"):
             self.client.set_tag(run_id, "cwa.plots_failed", "; ".join(f"{k}: {v}" for k, v in manifest["plots_failed"].items())[:5000])
@@ -223,7 +227,7 @@ class Tracker:
         maybe_fault("driver:mid_log", cell=cell.id)
         for r in result["results"]:
             child = self._run(f"{name}/{r['selection']}/seed{r['seed']}", run_id,
-                              {TAG_CELL: cell.id, TAG_KIND: "seed", TAG_SWEEP_RUN: parent})
+                              {TAG_CELL: cell.id, TAG_KIND: "seed", TAG_SWEEP_RUN: self.sweep_run_id})
             self._log(child, params={"model": cell.settings["model"], "metric": cfg.metric, "mode": cfg.mode,
                                      "topk": cfg.topk, "perturbation": cfg.perturb, "selection": r["selection"],
                                      "seed": r["seed"], "cell_id": cell.id,
@@ -235,20 +239,20 @@ class Tracker:
         self._end(run_id)
         return run_id
 
-    def log_failed_cell(self, parent: str, cell, error: str, cell_dir: Path | None) -> str:
+    def log_failed_cell(self, cell, error: str, cell_dir: Path | None) -> str:
         """A FAILED cell run carrying the error (and whatever the cell folder holds)."""
         run_id = self._run(self._name(cell), None, {TAG_CELL: cell.id, TAG_KIND: "cell", TAG_ERROR: error[:5000],
-                                                    TAG_SWEEP: self.experiment}, sweep_run=parent)
+                                                    TAG_SWEEP: self.experiment}, sweep_run=self.sweep_run_id)
         self._log(run_id, params={**_flat(cell.settings), "cell_id": cell.id})
         if cell_dir is not None and cell_dir.is_dir():
             self.client.log_artifacts(run_id, str(cell_dir))
         self._end(run_id, "FAILED")
         return run_id
 
-    def log_stability(self, parent: str, key: str, cell, stability: dict, plot: Path | None) -> str:
+    def log_stability(self, key: str, cell, stability: dict, plot: Path | None) -> str:
         cfg = cell.config
         name = f"stability/{Path(str(cell.settings['model'])).name}/{cfg.metric}/{cfg.mode}/K{cfg.topk}"
-        run_id = self._run(name, parent, {TAG_STABILITY: key, TAG_CELL: cell.id, TAG_KIND: "stability"})
+        run_id = self._run(name, self.sweep_run_id, {TAG_STABILITY: key, TAG_CELL: cell.id, TAG_KIND: "stability"})
         j, s = stability["jaccard"], stability["spearman"]
         self._log(run_id, params={"model": cell.settings["model"], "metric": cfg.metric, "mode": cfg.mode,
                                   "topk": cfg.topk, "seeds": ",".join(map(str, cfg.seeds)),
@@ -262,10 +266,10 @@ class Tracker:
         return run_id
 
     # -- the analysis ------------------------------------------------------------------------
-    def log_analysis(self, parent: str, folder: Path, cell_metrics: dict[str, dict[str, float]]) -> None:
+    def log_analysis(self, folder: Path, cell_metrics: dict[str, dict[str, float]]) -> None:
         """The study's analysis and report (``folder``) on the sweep run; per-cell numbers of the
         analysis (``cell_metrics``: MLflow cell run id -> metrics, e.g. the critical K of its
         model and metric) on the cells' rows."""
-        self.client.log_artifacts(parent, str(folder), "analysis")
+        self.client.log_artifacts(self.sweep_run_id, str(folder), "analysis")
         for run_id, metrics in cell_metrics.items():
             self._log(run_id, metrics=metrics)
