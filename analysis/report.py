@@ -75,7 +75,17 @@ def _text(ax, lines: list[str], title: str | None = None, size: float = 8) -> No
     ax.text(0, 1, "\n".join(wrapped), va="top", ha="left", fontsize=size, family="monospace", transform=ax.transAxes)
 
 
+def _table_share(n_rows: int, extra_lines: int = 0) -> float:
+    """The share of the page's body a table of ``n_rows`` needs (header, rule, a "more rows" line
+    and ``extra_lines`` included), so that the figure starts right under it."""
+    lines = min(n_rows, MAX_ROWS) + 3 + extra_lines
+    inches = lines * 6.5 * 1.2 / 72  # 6.5 pt monospace, matplotlib's line spacing 1.2
+    return min(0.45, inches / (PAGE[1] * 0.9) + 0.04)
+
+
 def _page(title: str, table_share: float = 0.45) -> tuple[Figure, list]:
+    """A page with its title, a table area on top (``table_share`` of the body) and a figure
+    area under it."""
     fig = Figure(figsize=PAGE)
     fig.suptitle(title, fontsize=13, x=0.05, ha="left", y=0.985)
     top = fig.add_axes((0.05, 1 - 0.05 - table_share * 0.9, 0.9, table_share * 0.9))
@@ -100,6 +110,7 @@ def _figure_into(ax, name: str, a: dict) -> str:
         buf.seek(0)
         img = mpimg.imread(buf)
     ax.imshow(img)
+    ax.set_anchor("N")  # the image (shrunk to its aspect) and its caption sit at the top of the area
     ax.axis("off")
     ax.text(0, -0.02, "\n".join(textwrap.wrap(f"Figure ({name}): {caption}", 130)), fontsize=7, va="top",
             transform=ax.transAxes)
@@ -146,7 +157,6 @@ def study_page(a: dict) -> Figure:
 
 
 def ratios_page(a: dict) -> Figure:
-    fig, (t, f) = _page("Perplexity ratios by selection")
     groups: dict[tuple, dict] = {}
     for r in a["ratios"]:
         key = (r["model_name"], r["metric"], r["k"], r["mode"], r["perturbation"], r["protocol"])
@@ -160,6 +170,7 @@ def ratios_page(a: dict) -> Figure:
         n = max(r["n_seeds"] for r in sel.values())
         bad = sum(r["n_inf"] for r in sel.values()), sum(len(r["missing"]) for r in sel.values())
         rows.append([*key, n, *cols, f"{bad[0]}/{bad[1]}"])
+    fig, (t, f) = _page("Perplexity ratios by selection", _table_share(len(rows)))
     _table(t, ["model", "metric", "K", "mode", "perturb", "prot", "seeds", "top_k", "95% CI", "random_k", "95% CI",
                "bottom_k", "95% CI", "inf/miss"], rows,
            "Mean perplexity ratio over seeds (perturbed / baseline), bootstrap 95% intervals", " in ratios.parquet")
@@ -189,10 +200,10 @@ def dose_page(a: dict) -> Figure:
 
 
 def stability_page(a: dict) -> Figure:
-    fig, (t, f) = _page("Stability of the top-K sets across seeds")
     rows = [[s["model_name"], s["metric"], s["k"], s["mode"], s["jaccard"]["n"], s["jaccard"]["mean"], s["jaccard"]["min"],
              s["jaccard"]["max"], s["spearman"]["mean"], "yes (1.0 by construction)" if s["data_independent"] else "no",
              ",".join(s["sources"])] for s in a["stability"]]
+    fig, (t, f) = _page("Stability of the top-K sets across seeds", _table_share(len(rows)))
     _table(t, ["model", "metric", "K", "mode", "pairs", "Jaccard mean", "min", "max", "Spearman", "data-independent",
                "source"], rows, "Jaccard and Spearman over seed pairs", " in stability.parquet")
     _figure_into(f, "stability_vs_k", a)
@@ -200,13 +211,13 @@ def stability_page(a: dict) -> Figure:
 
 
 def agreement_page(a: dict) -> Figure:
-    fig, (t, f) = _page("Do the metrics agree?")
     sp = a["metric_agreement"]["spearman"]
     ov = a["metric_agreement"]["topk_overlap"]
     rows = [[s["model_name"], "Spearman (sample)", "-", "-", s["metric_a"], s["metric_b"], s["rho"]["n"], s["rho"]["mean"],
              s["rho"]["min"], s["rho"]["max"]] for s in sp]
     rows += [[o["model_name"], "top-K Jaccard", o["k"], o["mode"], o["metric_a"], o["metric_b"], o["jaccard"]["n"],
               o["jaccard"]["mean"], o["jaccard"]["min"], o["jaccard"]["max"]] for o in ov]
+    fig, (t, f) = _page("Do the metrics agree?", _table_share(len(rows)))
     _table(t, ["model", "measure", "K", "mode", "metric a", "metric b", "seeds", "mean", "min", "max"], rows,
            "Metric agreement on the same model", " in metric_spearman.parquet / topk_overlap.parquet")
     _figure_into(f, "metric_agreement", a)
@@ -233,8 +244,8 @@ def location_page(a: dict) -> Figure:
 
 
 def recurring_page(a: dict) -> Figure:
-    fig, (t, b) = _page("Recurring coordinates and super weights", table_share=0.5)
     lines = a["recurring"]["lines"]
+    fig, (t, b) = _page("Recurring coordinates and super weights", _table_share(len(lines)))
     rows = [[x["model_name"], x["metric"], x["k"], x["mode"], x["parameter"].replace("model.layers.", "L"), x["axis"],
              x["index"], f"{x['seeds_flagged']}/{x['n_seeds']}", x["count_mean"], x["share_mean"], x["enrichment_max"]]
             for x in lines]
