@@ -2,10 +2,13 @@
 #   make smoke   # the embedded default: a small built-in model, a real sweep, MLflow tracking
 #   make test    # the test suite
 # PyTorch: a CUDA machine should install its own torch build into .venv first (or set
-# TORCH_SPEC); the default pin takes the CPU build where one lies on disk, PyPI's otherwise.
+# TORCH_SPEC); the default pin takes the CPU build where one lies on disk, PyPI's otherwise
+# (on Linux a CUDA build of several GB, which also runs on the CPU). A CPU-only machine can
+# take PyTorch's CPU build instead: make TORCH_INDEX=https://download.pytorch.org/whl/cpu smoke
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.cwa-installed
 
@@ -13,7 +16,7 @@ STAMP := $(VENV)/.cwa-installed
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install "$(TORCH_SPEC)"
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)")
 	$(BIN)/pip install -e ".[test]"
 	touch $(STAMP)
 
