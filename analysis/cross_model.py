@@ -68,30 +68,25 @@ def _cells_table(rs: ResultSet) -> list[dict]:
     return rs.cells[[c for c in cols if c in rs.cells]].to_dict("records") if len(rs.cells) else []
 
 
+def _per_group(rs: ResultSet, column: str, describe) -> list[dict]:
+    """``describe(key, group, first_row)`` for each value of ``column`` in the cells table."""
+    return [] if rs.cells.empty else [describe(key, g, g.iloc[0]) for key, g in rs.cells.groupby(column)]
+
+
 def _protocols(rs: ResultSet) -> list[dict]:
-    out = []
-    if rs.cells.empty:
-        return out
-    for pid, g in rs.cells.groupby("protocol"):
-        r = g.iloc[0]
-        out.append({"id": pid, "label": r["protocol_label"], "derived_from_older_fields": bool(g["protocol_derived"].any()),
-                    **{f: r[f"protocol_{f}"] for f in ("name", "eval_source", "eval_sha256", "window_length", "bos",
-                                                        "eval_windows", "dtype", "calib_source")},
-                    "models": sorted(g["model"].unique()), "cells": cells_list(g["cell"])})
-    return out
+    return _per_group(rs, "protocol", lambda pid, g, r: {
+        "id": pid, "label": r["protocol_label"], "derived_from_older_fields": bool(g["protocol_derived"].any()),
+        **{f: r[f"protocol_{f}"] for f in ("name", "eval_source", "eval_sha256", "window_length", "bos", "eval_windows",
+                                            "dtype", "calib_source")},
+        "models": sorted(g["model"].unique()), "cells": cells_list(g["cell"])})
 
 
 def _models(rs: ResultSet) -> list[dict]:
-    out = []
-    if rs.cells.empty:
-        return out
-    for m, g in rs.cells.groupby("model"):
-        r = g.iloc[0]
-        out.append({"model": m, "model_name": r["model_name"], "model_type": r["model_type"], "hf_id": r["hf_id"],
-                    "n_params": r["n_params"], "n_layers": r["n_layers"], "metrics": sorted(g["metric"].unique()),
-                    "ks": sorted(int(k) for k in g["k"].unique()), "modes": sorted(g["mode"].unique()),
-                    "protocols": sorted(g["protocol"].unique()), "cells": cells_list(g["cell"])})
-    return out
+    return _per_group(rs, "model", lambda m, g, r: {
+        "model": m, "model_name": r["model_name"], "model_type": r["model_type"], "hf_id": r["hf_id"],
+        "n_params": r["n_params"], "n_layers": r["n_layers"], "metrics": sorted(g["metric"].unique()),
+        "ks": sorted(int(k) for k in g["k"].unique()), "modes": sorted(g["mode"].unique()),
+        "protocols": sorted(g["protocol"].unique()), "cells": cells_list(g["cell"])})
 
 
 def run_analysis(rs: ResultSet, opts: AnalysisOptions | None = None) -> tuple[dict, dict[str, pd.DataFrame]]:
