@@ -24,7 +24,7 @@ import pandas as pd
 from .common import GROUP, NUMBERS_NOTE, clean, cells_list
 from .compare import CompareOptions, dose_response, paired_tests, ratio_summary, stability_table, tagged_results
 from .hypotheses import check_hypotheses
-from .load import LoadOptions, ResultSet, load_results, read_top_weights
+from .load import PROTOCOL_COLUMNS, LoadOptions, ResultSet, load_results, read_top_weights
 from .weights import (PER_LAYER_NOTE, WeightOptions, data_independence, location, metric_spearman, recurring_lines,
                       sensitivity_profile, super_weight_table, topk_overlap)
 
@@ -76,8 +76,7 @@ def _per_group(rs: ResultSet, column: str, describe) -> list[dict]:
 def _protocols(rs: ResultSet) -> list[dict]:
     return _per_group(rs, "protocol", lambda pid, g, r: {
         "id": pid, "label": r["protocol_label"], "derived_from_older_fields": bool(g["protocol_derived"].any()),
-        **{f: r[f"protocol_{f}"] for f in ("name", "eval_source", "eval_sha256", "window_length", "bos", "eval_windows",
-                                            "dtype", "calib_source")},
+        **{f: r[f"protocol_{f}"] for f in PROTOCOL_COLUMNS},
         "models": sorted(g["model"].unique()), "cells": cells_list(g["cell"])})
 
 

@@ -34,6 +34,7 @@ NOT_MEASUREMENT = {"out_dir", "save_plots", "stability_check", "device", "eval_b
 EXPLICIT = {"model", "metric", "topk", "mode", "perturb", "perturb_scale", "perturb_bit",
             "eval_file", "eval_length", "eval_samples", "bos", "protocol", "dtype"}
 PROTOCOL_FIELDS = ("eval_source", "eval_sha256", "window_length", "bos", "eval_windows", "dtype")
+PROTOCOL_COLUMNS = ("name", *PROTOCOL_FIELDS, "calib_source")  # what a cell records of its protocol
 _DTYPES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}
 _ID_BITS = 21  # tensor id, row and column each get 21 bits of an int64 set key
 
@@ -107,10 +108,7 @@ def protocol_key(manifest: dict, pert: dict) -> tuple[dict, bool]:
     dtype = _norm_dtype((prov.get("model") or {}).get("dtype") or prov.get("dtype") or settings.get("dtype"))
     p = data.get("protocol") or pert.get("protocol")
     if p:
-        key = {"name": p.get("name"), "eval_source": p.get("eval_source"), "eval_sha256": p.get("eval_sha256"),
-               "window_length": p.get("window_length"), "bos": p.get("bos"), "eval_windows": p.get("eval_windows"),
-               "calib_source": p.get("calib_source"), "dtype": dtype}
-        return key, False
+        return {**{f: p.get(f) for f in PROTOCOL_COLUMNS}, "dtype": dtype}, False
     key = {"name": None, "eval_source": data.get("eval_source") or settings.get("eval_file") or settings.get("data_file"),
            "eval_sha256": None, "window_length": data.get("eval_length") or pert.get("window_length"),
            "bos": data.get("layout") or settings.get("bos"),
@@ -407,7 +405,7 @@ def _read_cell(d: Path, cell: str, ids: TensorIds, opts: LoadOptions) -> _Cell:
         "baseline_ppl": man.get("baseline_ppl", (pert.get("baseline") or {}).get("ppl")),
         "data_independent": (st or {}).get("data_independent"),
         "variant": _variant(settings), "protocol_derived": derived,
-        **{f"protocol_{f}": proto.get(f) for f in ("name", *PROTOCOL_FIELDS, "calib_source")},
+        **{f"protocol_{f}": proto.get(f) for f in PROTOCOL_COLUMNS},
         "has_top_weights": tw.exists(), "top_weight_rows": n_top, "has_score_sample": ss.exists(),
         "has_stability": st is not None, "has_super_weights": sw is not None,
         "plots_failed": json.dumps(man["plots_failed"]) if man.get("plots_failed") else None,

@@ -124,6 +124,8 @@ def sensitivity_profile(rs: ResultSet, opts: WeightOptions) -> list[dict]:
     ts = ts[np.isfinite(ts["mean"]) & (ts["count"] > 0)].copy()
     ts["depth_bin"] = relative_depth_bin(ts["layer"], ts["n_layers"], opts.depth_bins)
     overall = _weighted_mean(ts, [*key, "seed"]).rename(columns={"mean_score": "overall"})
+    meta = {k: (g["model_name"].iloc[0], g["n_layers"].iloc[0], cells_list(g["cell"]))
+            for k, g in ts.groupby(key, dropna=False)}  # per (protocol, model, metric, variant)
     out = []
     for axis, col in (("param_type", "param_type"), ("depth", "depth_bin"), ("layer", "layer")):
         m = _weighted_mean(ts, [*key, "seed", col]).merge(overall, on=[*key, "seed"])
@@ -131,15 +133,13 @@ def sensitivity_profile(rs: ResultSet, opts: WeightOptions) -> list[dict]:
         agg = m.groupby([*key, col], dropna=False).agg(mean_score=("mean_score", "mean"), relative=("relative", "mean"),
                                                        n_seeds=("seed", "nunique")).reset_index()
         for r in agg.to_dict("records"):
-            sub = ts[(ts["protocol"] == r["protocol"]) & (ts["model"] == r["model"]) & (ts["metric"] == r["metric"])
-                     & (ts["variant"] == r["variant"])]
+            model_name, n_layers, cells = meta[tuple(r[k] for k in key)]
             cat = r[col]
-            out.append({**{k: r[k] for k in key}, "model_name": sub["model_name"].iloc[0],
-                        "n_layers": sub["n_layers"].iloc[0], "axis": axis,
+            out.append({**{k: r[k] for k in key}, "model_name": model_name, "n_layers": n_layers, "axis": axis,
                         "category": bin_label(int(cat), opts.depth_bins) if axis == "depth" else
                         (int(cat) if axis == "layer" else cat), "bin": int(cat) if axis == "depth" else None,
                         "mean_score": r["mean_score"], "relative": r["relative"], "n_seeds": r["n_seeds"],
-                        "cells": cells_list(sub["cell"])})
+                        "cells": cells})
     return out
 
 
@@ -153,11 +153,12 @@ def location(rs: ResultSet, opts: WeightOptions) -> tuple[list[dict], list[dict]
     tc = one_cell_per_seed(tc, SCORING)
     tc["depth_bin"] = relative_depth_bin(tc["layer"], tc["n_layers"], opts.depth_bins)
     ws = rs.tensor_stats
+    first_seed = ws.groupby("cell")["seed"].min() if not ws.empty else pd.Series(dtype=float)
     rows, counts = [], {}
     for key, g in tc.groupby(SCORING, sort=True, dropna=False):
         n_seeds = g["seed"].nunique()
-        first = g["cell"].min()
-        w = ws[(ws["cell"] == first) & (ws["seed"] == ws[ws["cell"] == first]["seed"].min())] if not ws.empty else ws
+        first = g["cell"].min()  # the weights' shares, from one cell and seed of this group
+        w = ws[(ws["cell"] == first) & (ws["seed"] == first_seed[first])] if first in first_seed.index else ws.iloc[:0]
         if len(w):
             w = w.assign(depth_bin=relative_depth_bin(w["layer"], pd.Series(g["n_layers"].iloc[0], index=w.index),
                                                       opts.depth_bins))
@@ -209,7 +210,7 @@ def recurring_lines(rs: ResultSet, opts: WeightOptions) -> tuple[list[dict], lis
         layer=("layer", "first"), param_type=("param_type", "first"), seeds_flagged=("seed", "nunique"),
         count_mean=("count", "mean"), share_mean=("share", "mean"), enrichment_max=("enrichment", "max"),
         k_tensor=("k_tensor", "max"), n_lines=("n_lines", "first"), n_seeds=("n_seeds", "max"),
-        model_name=("model_name", "first"), cells=("cell", lambda c: cells_list(c))).reset_index()
+        model_name=("model_name", "first"), cells=("cell", cells_list)).reset_index()
     agg = agg.sort_values([*SCORING, "seeds_flagged", "share_mean"], ascending=[True] * len(SCORING) + [False, False],
                           kind="stable").groupby(SCORING, dropna=False).head(opts.recurring_top)
     rows = agg.to_dict("records")
