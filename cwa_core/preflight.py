@@ -132,9 +132,14 @@ class Preflight:
     def run_dtype(cfg: ExperimentConfig, *, gpus: bool | None = None) -> torch.dtype:
         """The dtype the model will run in: ``cfg.dtype``, or what "auto" resolves to on the
         device it will run on (``gpus``: the sweep's actors have GPUs, whatever this machine has)."""
-        if cfg.dtype != "auto" or gpus is None:
+        if cfg.dtype != "auto":  # a named dtype needs no device (a GPU sweep prepared on a CPU head node)
             try:
-                return resolve_dtype(cfg.dtype, resolve_device(cfg.device))
+                return resolve_dtype(cfg.dtype)
+            except ValueError as e:
+                raise ConfigError("dtype", str(e)) from None
+        if gpus is None:
+            try:
+                return resolve_dtype("auto", resolve_device(cfg.device))
             except ValueError as e:
                 raise ConfigError("device", str(e)) from None
         return torch.bfloat16 if gpus else torch.float32

@@ -100,3 +100,18 @@ def test_dry_run_prints_the_cell_table_and_starts_nothing(tmp_path, capsys, monk
     assert len(rows) == 4 and sum("meta-llama/Llama-2-7b-hf" in r for r in rows) == 2
     assert out[-1].startswith("4 cells over 2 model(s)") and "6 scoring pass(es)" in out[-1]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_gpu_sweep_with_a_named_dtype_is_prepared_on_a_cpu_head_node():
+    """The driver (a cluster's head node) may have no GPU: a cell whose actors have GPUs and whose
+    dtype is named is checked without asking this machine for CUDA."""
+    import torch
+
+    sweep = sweep_spec.parse({"name": "gpu", "model": str(STORIES), "data_file": str(TINYSTORIES), "metric": "magnitude",
+                              "topk": 5, "dtype": "bf16", "device": "cuda", "perturb": "bit_flip", "max_length": 64,
+                              "resources": {"gpus_per_actor": 1}})
+    prepared = sweep_spec.prepare(sweep)
+    assert [c.config.device for c in prepared.cells] == ["cuda"]
+    from cwa_core.preflight import Preflight
+
+    assert Preflight.run_dtype(prepared.cells[0].config, gpus=True) == torch.bfloat16

@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import signal
+import sys
 import time
 import traceback
 from collections import deque
@@ -258,9 +259,8 @@ class SweepRunner:
                 tracking = pool.submit(self._start_tracking) if self.sweep.tracking.enabled else None
                 if compute:
                     t = time.perf_counter()
-                    import ray as _ray
-
-                    owns_ray = not _ray.is_initialized()
+                    # not ``import ray`` here: init_ray sets the loopback variable Ray reads at import
+                    owns_ray = "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
                     ray = init_ray(self.address, self.num_cpus, dashboard=self.dashboard)
                     self.timings["ray_start_s"] = time.perf_counter() - t
                     groups = self._start_actors(ray, plan)

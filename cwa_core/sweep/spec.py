@@ -283,7 +283,6 @@ def prepare(sweep: Sweep) -> Sweep:
     (:mod:`cwa_core.preflight`: context, K, bit width, corpus length, files), the demo built when a
     cell uses it, and the protocol's defaults made concrete. Raises :class:`SpecError` (one line,
     naming the key) on the first problem, before Ray, MLflow or a results folder exist."""
-    from ..config import ConfigError
     from ..demo import ensure_demo_assets, resolve_builtin, uses_builtin
     from ..preflight import Preflight
 
@@ -299,9 +298,10 @@ def prepare(sweep: Sweep) -> Sweep:
             assets = ensure_demo_assets(progress=True)
             for cid, cfg in configs.items():
                 built = resolve_builtin({k: getattr(cfg, k) for k in ("model", "data_file", "eval_file")}, assets)
-                configs[cid] = replace(cfg, **built)
+                if built != {k: getattr(cfg, k) for k in built}:  # the demo's real folder: check it again
+                    configs[cid] = cfg = replace(cfg, **built)
+                    pf.check_model(cfg, dtype=pf.run_dtype(cfg, gpus=gpus), here=not gpus)
         for cfg in configs.values():
-            pf.check_model(cfg, dtype=pf.run_dtype(cfg, gpus=gpus), here=not gpus)
             pf.check_data(cfg)
     except ConfigError as e:
         raise SpecError(str(e)) from None
