@@ -16,6 +16,12 @@ NUMBERS_NOTE = ("Numbers are JSON numbers when finite; an infinite value is the 
                 "perplexity that overflowed: real damage, not missing data); null means missing or undefined")
 
 
+def value(x) -> float:
+    """A number read back from the strict JSON (:func:`num`'s inverse): "inf"/"-inf" as infinities,
+    null as NaN."""
+    return math.nan if x is None else float(x)
+
+
 def num(x) -> float | str | None:
     """A strict-JSON number: finite floats as they are, +-inf as "inf"/"-inf", NaN/None as null."""
     if x is None or x is pd.NA:

@@ -15,18 +15,15 @@ from typing import Callable
 import numpy as np
 from matplotlib.figure import Figure
 
+from .common import value
+from .hypotheses import JACCARD_BARS
+
 MARKERS = {"top_k": "o", "random_k": "s", "bottom_k": "^"}
 LINES = ["-", "--", ":", "-."]
 SERIES_MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
 GRAYS = ["0.0", "0.35", "0.6", "0.8"]
 SELECTION_COLORS = {"top_k": "#b2182b", "random_k": "#2166ac", "bottom_k": "#4d4d4d"}
 INF_NOTE = "an upward triangle at the top edge marks an infinite ratio"
-
-
-def _v(x) -> float:
-    if x == "inf":
-        return math.inf
-    return math.nan if x is None else float(x)
 
 
 def _cells_phrase(cells) -> str:
@@ -92,8 +89,8 @@ def ratios_figure(a: dict) -> tuple[Figure, str]:
         mine = [r for r in rows if r["model_name"] == model]
         groups = sorted({(r["protocol"], r["metric"], r["k"], r["mode"], r["perturbation"], r["variant"]) for r in mine},
                         key=lambda g: (g[0], g[1], g[3], g[4], g[2], g[5]))
-        finite_hi = max([_v(r["ci"][1]) if r["ci"][1] is not None else _v(r["mean"]) for r in mine
-                         if math.isfinite(_v(r["mean"]))] + [2.0])
+        finite_hi = max([value(r["ci"][1]) if r["ci"][1] is not None else value(r["mean"]) for r in mine
+                         if math.isfinite(value(r["mean"]))] + [2.0])
         top = finite_hi * 3
         for gi, g in enumerate(groups):
             for si, sel in enumerate(("top_k", "random_k", "bottom_k")):
@@ -101,13 +98,13 @@ def ratios_figure(a: dict) -> tuple[Figure, str]:
                                               r["variant"]) == g and r["selection"] == sel), None)
                 if r is None or r["mean"] is None:
                     continue
-                x, m = gi + (si - 1) * 0.22, _v(r["mean"])
+                x, m = gi + (si - 1) * 0.22, value(r["mean"])
                 if math.isinf(m):
                     ax.plot([x], [top], marker="^", ms=9, color=SELECTION_COLORS[sel], mfc="white", ls="none")
                     ax.annotate("inf", (x, top), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
                     notes.append("inf")
                     continue
-                lo, hi = _v(r["ci"][0]), _v(r["ci"][1])
+                lo, hi = value(r["ci"][0]), value(r["ci"][1])
                 err = None
                 if not math.isnan(lo) and math.isfinite(hi):
                     err = [[max(m - lo, 0.0)], [max(hi - m, 0.0)]]
@@ -155,7 +152,7 @@ def dose_figure(a: dict) -> tuple[Figure, str]:
             ls = LINES[models.index(d["model_name"]) % len(LINES)]
             single |= d["n_k"] == 1
             for sel in ("top_k", "random_k", "bottom_k"):
-                pts = [(p["k"], _v(p[sel]["geomean"])) for p in d["points"] if sel in p and p[sel]["geomean"] is not None]
+                pts = [(p["k"], value(p[sel]["geomean"])) for p in d["points"] if sel in p and p[sel]["geomean"] is not None]
                 if not pts:
                     continue
                 ks, ys = zip(*pts)
@@ -197,7 +194,7 @@ def layer_profile_figure(a: dict) -> tuple[Figure, str]:
     for ax, metric in zip(axes, metrics):
         keys = sorted({(p["model_name"], p["protocol"]) for p in prof if p["metric"] == metric})
         for i, (model, proto) in enumerate(keys):
-            pts = sorted(((p["bin"] + 0.5) / bins, _v(p["relative"])) for p in prof
+            pts = sorted(((p["bin"] + 0.5) / bins, value(p["relative"])) for p in prof
                          if p["metric"] == metric and p["model_name"] == model and p["protocol"] == proto)
             ax.plot(*zip(*pts), ls=LINES[i % len(LINES)], marker=SERIES_MARKERS[i % len(SERIES_MARKERS)], ms=4,
                     color=GRAYS[i % len(GRAYS)], label=model + (f" [{proto}]" if _multi_protocol(a) else ""))
@@ -236,7 +233,7 @@ def param_type_figure(a: dict) -> tuple[Figure, str]:
     types += sorted({r["category"] for r in rows} - set(types))
     m = np.full((len(ylabels), len(types)), np.nan)
     for r in rows:
-        m[ylabels.index((r["model_name"], r["metric"])), types.index(r["category"])] = _v(r[val])
+        m[ylabels.index((r["model_name"], r["metric"])), types.index(r["category"])] = value(r[val])
     im = ax.imshow(np.where(np.isfinite(m), m, np.nan), cmap="Greys", aspect="auto")
     fin = m[np.isfinite(m)]
     mid = (fin.max() + fin.min()) / 2 if fin.size else 0
@@ -267,7 +264,7 @@ def agreement_figure(a: dict) -> tuple[Figure, str]:
         m = np.eye(len(mets))
         for s in mine:
             i, j = mets.index(s["metric_a"]), mets.index(s["metric_b"])
-            m[i, j] = m[j, i] = _v(s["rho"]["mean"])
+            m[i, j] = m[j, i] = value(s["rho"]["mean"])
         im = ax.imshow(m, cmap="Greys", vmin=-1, vmax=1)
         for i in range(len(mets)):
             for j in range(len(mets)):
@@ -303,11 +300,12 @@ def stability_figure(a: dict) -> tuple[Figure, str]:
                         color=GRAYS[i % len(GRAYS)], mfc="white" if any(di) else None, capsize=3, ms=5,
                         label=f"{key[0]} ({key[1]})" + (" [by construction]" if any(di) else ""))
         ks_here = [s["k"] for s in st if s["model_name"] == model]
-        bars = [(k, bar) for k, bar in ((100, 0.8), (500, 0.6), (1000, 0.4))
+        bars = [(k, bar) for k, bar in JACCARD_BARS.items()
                 if min(ks_here) <= k <= max(ks_here)]  # a bar outside the measured K would only stretch the axis
         if bars:
             ax.plot(*zip(*bars), marker="_", ms=14, mew=2, color="0.5", ls="none",
-                    label="hypothesised bar (0.8, 0.6, 0.4 at K = 100, 500, 1000)")
+                    label=f"hypothesised bar ({', '.join(map(str, JACCARD_BARS.values()))} at K = "
+                          f"{', '.join(map(str, JACCARD_BARS))})")
         _k_axis(ax, ks_here)
         ax.set_ylim(-0.02, 1.05)
         ax.set_xlabel("K (weights)")

@@ -9,6 +9,8 @@ from typing import Callable
 
 import numpy as np
 
+from .common import value
+
 SUPPORTED, NOT_SUPPORTED, NOT_MEASURED = "supported", "not supported", "not measured"
 JACCARD_BARS = {100: 0.8, 500: 0.6, 1000: 0.4}
 TYPE_ORDER = ("attention", "mlp", "norm")
@@ -21,16 +23,12 @@ def _verdict(cases: list[dict], why_none: str) -> tuple[str, str | None]:
     return (SUPPORTED if held == len(cases) else NOT_SUPPORTED), f"holds in {held} of {len(cases)} cases"
 
 
-def _value(v) -> float:
-    return float("inf") if v == "inf" or (isinstance(v, float) and np.isposinf(v)) else (np.nan if v is None else float(v))
-
-
 def _ratio_range(a: dict, selection: str, lo: float | None, hi: float) -> list[dict]:
     cases = []
     for r in a["ratios"]:
         if r["selection"] != selection or r["mean"] is None:
             continue
-        m = _value(r["mean"])
+        m = value(r["mean"])
         # a range [lo, hi] is inclusive; "under hi" (no lo) is strict
         holds = (m >= lo and m <= hi) if lo is not None else m < hi
         cases.append({"model": r["model"], "metric": r["metric"], "k": r["k"], "mode": r["mode"],
@@ -47,7 +45,7 @@ def _types(a: dict) -> list[dict]:
         rows = {p["category"]: p for p in prof if (p["protocol"], p["model"], p["metric"], p["variant"]) == key}
         if not all(t in rows for t in TYPE_ORDER):
             continue
-        v = [_value(rows[t]["mean_score"]) for t in TYPE_ORDER]
+        v = [value(rows[t]["mean_score"]) for t in TYPE_ORDER]
         cases.append({"protocol": key[0], "model": key[1], "metric": key[2],
                       **{f"mean_score_{t}": rows[t]["mean_score"] for t in TYPE_ORDER},
                       "holds": bool(v[0] > v[1] > v[2]),
@@ -67,7 +65,7 @@ def _middle(a: dict) -> list[dict]:
             continue
         thirds: dict[int, list[float]] = {0: [], 1: [], 2: []}
         for p in rows:
-            thirds[min(int(3 * (p["category"] + 0.5) / n), 2)].append(_value(p["mean_score"]))
+            thirds[min(int(3 * (p["category"] + 0.5) / n), 2)].append(value(p["mean_score"]))
         if not all(thirds.values()):
             continue
         e, m, l_ = (float(np.mean(thirds[i])) for i in range(3))
