@@ -79,8 +79,6 @@ def plain_loop(sweep, out: Path) -> dict:
 
 def run_sweep(sweep, out: Path) -> dict:
     """The whole command's work: Ray start-up included, shut down afterwards."""
-    import ray
-
     from cwa_core.sweep.runner import SweepRunner
 
     # the runner shuts down a Ray it started and times that (ray_shutdown_s); one someone else

@@ -289,7 +289,7 @@ def scored_params(
             idx, _, inner = name[len(prefix):].partition(".")
             layer = int(idx)
             inner_module = inner.rpartition(".")[0]
-            leafname = inner.rpartition(".")[0].rpartition(".")[2]
+            leafname = inner_module.rpartition(".")[2]
             if inner.startswith(spec.attention) and "norm" not in leafname:
                 ptype = "attention"
             elif inner.startswith(spec.mlp) and "norm" not in leafname:
@@ -315,7 +315,7 @@ def scored_params(
         layout = _layout(spec, model, name, inner_module, mod_name, module, param)
         offset = spec.norm_offset if ptype == "norm" and leaf == "weight" else 0.0
         refs.append(ParamRef(name, layer, ptype, param, module, leaf,
-                             _IN_DIM.get(layout) if leaf == "weight" else None, layout, offset))
+                             _IN_DIM.get(layout), layout, offset))  # a bias's layout is "vector": None
     if not refs:
         raise UnsupportedArchitectureError(f"no parameters of types {wanted} found in the model")
     return refs

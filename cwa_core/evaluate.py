@@ -1,8 +1,10 @@
 """Perplexity the way published numbers report it: exp(mean next-token NLL) over windows."""
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -76,3 +78,15 @@ def finite_status(x: float | None) -> str:
     if x is None or math.isnan(x):
         return "nan"
     return "finite" if math.isfinite(x) else "inf"
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model.eval()`` meanwhile (dropout off: a training-mode model gives noisy scores, spikes
+    and perplexities), its training flag restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)

@@ -33,7 +33,7 @@ from .architectures import (
     expert_inputs,
     experts_unsupported,
 )
-from .evaluate import logits_of, model_device, nll_sum
+from .evaluate import eval_mode, logits_of, model_device, nll_sum
 from .registry import Registry
 
 log = logging.getLogger(__name__)
@@ -112,17 +112,13 @@ def score(model: nn.Module, refs: Sequence[ParamRef], name: str, calib: torch.Te
     check_supported(name, refs, getattr(getattr(model, "config", None), "model_type", None))
     if not m.data_independent and (calib is None or calib.numel() == 0):
         raise ValueError(f"metric {name!r} needs calibration windows")
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         if m.needs_grad:
             with _grad_only_for(model, refs):
                 m.fn(model, refs, calib, sink, opts)
         else:
             with torch.no_grad():
                 m.fn(model, refs, calib, sink, opts)
-    finally:
-        model.train(was_training)
     return m
 
 
@@ -476,10 +472,10 @@ class _ActivationStats:
             by_module.setdefault(id(r.module), []).append(r)
         for group in by_module.values():
             module, is_norm = group[0].module, group[0].param_type == "norm"
-            roles = {_activation_role(r): r for r in group}  # one linear or conv1d weight per module
+            role_of = [(_activation_role(r), r) for r in group]
+            roles = dict(role_of)  # one linear or conv1d weight per module
             self.tokens[id(module)] = 0
-            for r in group:
-                role = _activation_role(r)
+            for role, r in role_of:
                 if role in ("linear", "conv1d"):
                     self.chan[id(r.param)] = torch.zeros(r.shape[r.in_dim], device=r.param.device)
                 elif role == "norm_gain":

@@ -138,7 +138,7 @@ def flip_bit(flat: torch.Tensor, idx: torch.Tensor, bit: int) -> None:
               description="flip one bit of the stored value (--perturb-bit, default the exponent MSB; "
                           "takes no scale; Gemma's norm gains too: the stored bits, a hardware fault)")
 def _bit_flip(flat, idx, spec):
-    flip_bit(flat, idx, check_bit(spec.bit, flat.dtype))
+    flip_bit(flat, idx, spec.bit)  # flip_bit resolves the default bit and checks it against the dtype
 
 
 def flipped_bit(refs: Sequence[ParamRef], selection: Selection, spec: PerturbSpec) -> int | list[int] | None:
@@ -146,7 +146,7 @@ def flipped_bit(refs: Sequence[ParamRef], selection: Selection, spec: PerturbSpe
     their dtypes resolve the default differently)."""
     if not PERTURBATIONS.get(spec.method).on_bits:
         return None
-    bits = sorted({check_bit(spec.bit, refs[t].param.dtype) for t in selection.by_tensor()})
+    bits = sorted({check_bit(spec.bit, refs[t].param.dtype) for t in torch.unique(selection.tensor_ids).tolist()})
     if not bits:
         return spec.bit
     return bits[0] if len(bits) == 1 else bits

@@ -13,7 +13,6 @@ Checks are cached per model and per corpus, so a sweep of many cells pays each o
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -22,13 +21,12 @@ import torch
 from .architectures import arch_spec, scored_params
 from .config import DATA_FIELDS, ConfigError, ExperimentConfig, settings_key
 from .data import DataSplit
-from .demo import BUILTIN
-from .perturb import check_bit
+from .demo import BUILTIN, uses_builtin
+from .perturb import PERTURBATIONS, check_bit
 from .metrics import UnsupportedTensorError, check_supported
 from .models import (ModelLoadError, load_config, load_tokenizer, locate_model, model_context,
                      resolve_device, resolve_dtype)
 
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -121,7 +119,7 @@ class Preflight:
             check_supported(cfg.metric, facts.refs(cfg.param_types), facts.model_type)
         except UnsupportedTensorError as e:
             raise ConfigError("metric", str(e)) from None
-        if cfg.perturb == "bit_flip":
+        if PERTURBATIONS.get(cfg.perturb).on_bits:
             try:
                 check_bit(cfg.perturb_bit, dtype if dtype is not None else self.run_dtype(cfg))
             except ValueError as e:
@@ -155,16 +153,16 @@ class Preflight:
                 raise ConfigError("model", str(e)) from None
         return self._tokenizers[key]
 
-    def check_data(self, cfg: ExperimentConfig, tokenizer=None) -> DataSplit:
+    def check_data(self, cfg: ExperimentConfig) -> DataSplit:
         """The corpus files read, tokenized and cut as the experiment will: they must hold the
         evaluation windows and (for a data-dependent metric) the calibration windows asked."""
         from .experiment import check_calibration, load_split
 
         key = (cfg.model, settings_key(cfg, DATA_FIELDS))
         if key not in self._splits:
-            if cfg.model == BUILTIN or BUILTIN in (cfg.data_file, cfg.eval_file):
+            if uses_builtin(cfg.to_dict()):
                 raise ConfigError("model", f"{BUILTIN} must be resolved (built) before its data is checked")
-            self._splits[key] = load_split(cfg, tokenizer if tokenizer is not None else self.tokenizer(cfg))
+            self._splits[key] = load_split(cfg, self.tokenizer(cfg))
         split = self._splits[key]
         check_calibration(cfg, split)
         return split

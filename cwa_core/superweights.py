@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .architectures import ParamRef, UnsupportedArchitectureError, arch_spec, down_projections, scored_params
-from .evaluate import Perplexity, logits_of, model_device, perplexity
+from .evaluate import Perplexity, eval_mode, logits_of, model_device, perplexity
 from .perturb import PerturbSpec, perturbed
 from .selection import Selection, sample_without_replacement
 
@@ -221,17 +221,6 @@ def _windows(prompts: torch.Tensor) -> torch.Tensor:
     return prompts
 
 
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Dropout off meanwhile (a training-mode model would give noisy spikes and perplexities)."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
 def _forward_pass(model: nn.Module, windows: torch.Tensor, batch_size: int,
                   hooks: Mapping[nn.Module, Callable[[torch.Tensor, torch.Tensor, int], None]],
                   stop: nn.Module) -> None:
@@ -351,7 +340,7 @@ def detect_super_weights(model: nn.Module, prompts: torch.Tensor,
     token positions (|output of its row| > the threshold) come from one extra pass over the
     prompts in the same state. Memory: per layer a few channel vectors and a histogram.
     """
-    with _eval_mode(model):
+    with eval_mode(model):
         return _detect(model, _windows(prompts), opts)
 
 
@@ -508,15 +497,15 @@ def causal_test(model: nn.Module, detection: Detection, eval_windows: torch.Tens
     themselves never drawn); and zeroed but with the original massive activation written back
     (output channel ``row`` of its down projection, only at the tokens where the original
     |output| there exceeded the detection threshold ``threshold_out``)."""
-    with _eval_mode(model):
+    with eval_mode(model):
         return _causal(model, detection, eval_windows, tuple(seeds), batch_size, progress)
 
 
 def _causal(model, detection, eval_windows, seeds, batch_size, progress) -> CausalTest:
     t0 = time.perf_counter()
     refs = detection.refs
-    targets = _down_proj_refs(model)
-    mods = {layer: mod for layer, _, mod, _ in targets}
+    targets = [(r.layer, r.name.rpartition(".")[0], r.module, r) for r in refs]  # as _down_proj_refs gives them
+    mods = {r.layer: r.module for r in refs}
     ppl = functools.partial(perplexity, model, eval_windows, batch_size=batch_size, progress=progress)
     base = ppl(desc="baseline ppl")
     cands = detection.candidates
@@ -662,10 +651,7 @@ class CandidateRanks:
 
     def rank(self, layer: int, row: int, col: int) -> dict:
         """{"per_tensor", "global", "global_lower_bound"} of one tracked weight."""
-        for e in self.entries():
-            if (e["layer"], e["row"], e["col"]) == (layer, row, col):
-                return {k: e[k] for k in ("per_tensor", "global", "global_lower_bound")}
-        raise KeyError(f"({layer}, {row}, {col}) is not tracked")
+        return RankTable(self.entries()).rank(layer, row, col)
 
 
 RankSinks = Mapping[str, Mapping[int | str, CandidateRanks]]  # metric -> seed -> sink
@@ -805,8 +791,8 @@ def super_weight_study(model: nn.Module, prompts: torch.Tensor, eval_windows: to
     metric (the candidates, then the published ones of ``hf_id``)."""
     det = detect_super_weights(model, prompts, opts)
     causal = causal_test(model, det, eval_windows, seeds=seeds, batch_size=batch_size)
-    extra = published_coordinates(model, hf_id) if arch_spec(model).down_proj else []
-    published = match_published(hf_id, det.candidates, None, shapes=down_proj_shapes(model))
+    extra = published_coordinates(model, hf_id)  # detection has refused a model without down projections
+    published = match_published(hf_id, det.candidates, None, shapes={r.layer: _linear_shape(r) for r in det.refs})
     report = super_weights_report(det, causal, model_id=model_id, hf_id=hf_id, dtype=dtype,
                                   prompt_source=prompt_source, prompt_text=prompt_text, published=published)
     tracked = [Coordinate(c.layer, c.row, c.col, c.module) for c in det.candidates]

@@ -120,7 +120,6 @@ class _Progress:
 
     def __init__(self, plan: Plan, enabled: bool) -> None:
         self.bars = {}
-        self.failed: dict = {}
         self.overall = tqdm(total=len(plan.cells), desc="sweep", position=0, disable=not enabled, unit="cell",
                             dynamic_ncols=True)
         for i, (mk, cells) in enumerate(plan.models.items(), start=1):
@@ -543,12 +542,12 @@ class SweepRunner:
             # an actor replaced after finishing work had loaded its model too
             self.manifest["model_loads"] = self.manifest.get("model_loads", 0) + len(infos) + sum(
                 s.deaths for slots in groups.values() for s in slots)
-            self.manifest["scoring_passes"] = self.manifest.get("scoring_passes", 0) + counts["scoring_passes"]
-            self.manifest["super_weight_studies"] = self.manifest.get("super_weight_studies", 0) + counts["super_weight_studies"]
-            self.manifest["evaluations"] = self.manifest.get("evaluations", 0) + counts["evaluations"]
+            for what in ("scoring_passes", "super_weight_studies", "evaluations"):
+                self.manifest[what] = self.manifest.get(what, 0) + counts[what]
             self.manifest.setdefault("actors", []).extend(
                 {"node": x.get("node"), "gpus": x.get("gpus"), "model": x["model"]["model_id"], "counts": x["counts"],
-                 "load_seconds": x["load_seconds"], "rss_bytes": x.get("rss_bytes")} for x in infos)
+                 "load_seconds": x["load_seconds"], "rss_bytes": x.get("rss_bytes"),
+                 "cuda_allocated_bytes": x.get("cuda_allocated_bytes")} for x in infos)
             self.manifest["scoring_passes_by_key"] = sorted({f"{plan.scores[k].config.metric}/seed{plan.scores[k].seed}"
                                                              for k in scores})
             for cid, st in state.items():  # cells still in flight when stopped stay pending

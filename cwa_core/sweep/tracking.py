@@ -87,13 +87,14 @@ class Tracker:
         self.opened: set[str] = set()  # runs this driver created and has not terminated yet
 
     # -- helpers ---------------------------------------------------------------------------
-    def _run(self, name: str, parent: str | None, tags: dict, *, sweep_run: str | None = None) -> str:
-        """A new run: nested under ``parent``, or top level but tagged with ``sweep_run``."""
+    def _run(self, name: str, parent: str | None, tags: dict) -> str:
+        """A new run, nested under ``parent`` if given; every run after the sweep run's own is
+        tagged with the sweep run's id."""
         all_tags = dict(tags)
         if parent:
             all_tags["mlflow.parentRunId"] = parent
-        if parent or sweep_run:
-            all_tags.setdefault(TAG_SWEEP_RUN, sweep_run or parent)
+        if self.sweep_run_id:
+            all_tags.setdefault(TAG_SWEEP_RUN, self.sweep_run_id)
         run_id = self.client.create_run(self.experiment_id, tags=all_tags, run_name=name).info.run_id
         self.opened.add(run_id)
         return run_id
@@ -202,8 +203,7 @@ class Tracker:
         result = json.loads((cell_dir / "perturbation_results.json").read_text())
         manifest = json.loads((cell_dir / "manifest.json").read_text())
         name = self._name(cell)
-        run_id = self._run(name, None, {TAG_CELL: cell.id, TAG_KIND: "cell", TAG_SWEEP: self.experiment},
-                           sweep_run=self.sweep_run_id)
+        run_id = self._run(name, None, {TAG_CELL: cell.id, TAG_KIND: "cell", TAG_SWEEP: self.experiment})
         means = {k: mean_ratio(v) for k, v in ratios_by_selection(result["results"]).items()}
         if manifest.get("plots_failed"):
             self.client.set_tag(run_id, "cwa.plots_failed", "; ".join(f"{k}: {v}" for k, v in manifest["plots_failed"].items())[:5000])
@@ -227,7 +227,7 @@ class Tracker:
         maybe_fault("driver:mid_log", cell=cell.id)
         for r in result["results"]:
             child = self._run(f"{name}/{r['selection']}/seed{r['seed']}", run_id,
-                              {TAG_CELL: cell.id, TAG_KIND: "seed", TAG_SWEEP_RUN: self.sweep_run_id})
+                              {TAG_CELL: cell.id, TAG_KIND: "seed"})
             self._log(child, params={"model": cell.settings["model"], "metric": cfg.metric, "mode": cfg.mode,
                                      "topk": cfg.topk, "perturbation": cfg.perturb, "selection": r["selection"],
                                      "seed": r["seed"], "cell_id": cell.id,
@@ -242,7 +242,7 @@ class Tracker:
     def log_failed_cell(self, cell, error: str, cell_dir: Path | None) -> str:
         """A FAILED cell run carrying the error (and whatever the cell folder holds)."""
         run_id = self._run(self._name(cell), None, {TAG_CELL: cell.id, TAG_KIND: "cell", TAG_ERROR: error[:5000],
-                                                    TAG_SWEEP: self.experiment}, sweep_run=self.sweep_run_id)
+                                                    TAG_SWEEP: self.experiment})
         self._log(run_id, params={**_flat(cell.settings), "cell_id": cell.id})
         if cell_dir is not None and cell_dir.is_dir():
             self.client.log_artifacts(run_id, str(cell_dir))

@@ -58,9 +58,6 @@ class ModelWorker:
                 "counts": dict(self.counts), "rss_bytes": psutil.Process().memory_info().rss,
                 "cuda_allocated_bytes": torch.cuda.memory_allocated() if torch.cuda.is_available() else None}
 
-    def ping(self) -> int:
-        return os.getpid()
-
     def baseline(self, cfg: ExperimentConfig) -> dict:
         maybe_fault("baseline", metric=cfg.metric)
         t = time.perf_counter()
