@@ -53,6 +53,16 @@ def clean(o):
     return o
 
 
+def display_name(model, source: str | None = None) -> str:
+    """How the report names a model: a Hugging Face Hub id as it is (``meta-llama/Llama-3.1-8B``),
+    a local folder by its name (``/home/u/.cache/cwa/demo-1a2b/cwa-demo`` -> ``cwa-demo``).
+    ``source``: "hub" or "local" as the cell's provenance records it; without it (older files)
+    an id of the form owner/name that does not start like a path is taken for a Hub id."""
+    m = str(model).rstrip("/") or str(model)
+    hub = source == "hub" if source in ("hub", "local") else (m.count("/") == 1 and not m.startswith((".", "~", "/")))
+    return m if hub else m.rsplit("/", 1)[-1]
+
+
 def cells_list(values: Iterable) -> list[str]:
     return sorted({str(v) for v in values})
 

@@ -23,6 +23,7 @@ import pandas as pd
 
 from .common import GROUP, NUMBERS_NOTE, clean, cells_list
 from .compare import CompareOptions, dose_response, paired_tests, ratio_summary, stability_table, tagged_results
+from .enrichment import METHOD as ENRICHMENT_METHOD
 from .hypotheses import check_hypotheses
 from .load import PROTOCOL_COLUMNS, LoadOptions, ResultSet, load_results, read_top_weights
 from .weights import (PER_LAYER_NOTE, WeightOptions, data_independence, location, metric_spearman, recurring_lines,
@@ -101,7 +102,7 @@ def run_analysis(rs: ResultSet, opts: AnalysisOptions | None = None) -> tuple[di
     ratios = ratio_summary(r, opts.compare)
     indep = data_independence(rs)
     spear, overlap = metric_spearman(rs, indep), topk_overlap(rs, indep)
-    shares, chi = location(rs, opts.weights)
+    shares, fits, chi = location(rs, opts.weights)
     lines, cross = recurring_lines(rs, opts.weights)
     sw, published = super_weight_table(rs)
     stab = stability_table(rs.stability, rs.cells, rs.topk_keys) if len(rs.cells) else []
@@ -126,7 +127,7 @@ def run_analysis(rs: ResultSet, opts: AnalysisOptions | None = None) -> tuple[di
         "stability": stab,
         "metric_agreement": {"spearman": spear, "topk_overlap": overlap},
         "sensitivity_profile": sensitivity_profile(rs, opts.weights),
-        "location": {"shares": shares, "chi_square": chi,
+        "location": {"shares": shares, "fit": fits, "comparisons": chi, "method": ENRICHMENT_METHOD,
                      "note": PER_LAYER_NOTE if (len(rs.cells) and (rs.cells["mode"] == "per_layer").any()) else None},
         "recurring": {"lines": lines, "across_metrics": cross,
                       "rule": f"a row or column of a matrix with at least {opts.load.line_min_count} of its tensor's "
@@ -143,7 +144,8 @@ def run_analysis(rs: ResultSet, opts: AnalysisOptions | None = None) -> tuple[di
     tables = {"cells": rs.cells, "results": r, "ratios": _frame(ratios), "paired_tests": _frame(a["paired_tests"]),
               "dose_response": _frame(dose_rows), "stability": _frame(stab), "metric_spearman": _frame(spear),
               "topk_overlap": _frame(overlap), "sensitivity_profile": _frame(a["sensitivity_profile"]),
-              "location": _frame(shares), "location_tests": _frame(chi), "recurring_lines": _frame(lines),
+              "location": _frame(shares), "location_fit": _frame(fits), "location_tests": _frame(chi),
+              "recurring_lines": _frame(lines),
               "top_weights_by_tensor": rs.topk_counts, "super_weights": _frame(sw)}
     return a, {k: v for k, v in tables.items() if v is not None and len(v)}
 

@@ -31,7 +31,8 @@ def _ratio_range(a: dict, selection: str, lo: float | None, hi: float) -> list[d
         m = value(r["mean"])
         # a range [lo, hi] is inclusive; "under hi" (no lo) is strict
         holds = (m >= lo and m <= hi) if lo is not None else m < hi
-        cases.append({"model": r["model"], "metric": r["metric"], "k": r["k"], "mode": r["mode"],
+        cases.append({"model": r["model"], "model_name": r["model_name"], "metric": r["metric"], "k": r["k"],
+                      "mode": r["mode"],
                       "perturbation": r["perturbation"], "protocol": r["protocol"], "mean_ratio": r["mean"],
                       "ci": r["ci"], "n_seeds": r["n_seeds"], "holds": bool(holds), "cells": r["cells"]})
     return cases
@@ -46,8 +47,8 @@ def _types(a: dict) -> list[dict]:
         if not all(t in rows for t in TYPE_ORDER):
             continue
         v = [value(rows[t]["mean_score"]) for t in TYPE_ORDER]
-        cases.append({"protocol": key[0], "model": key[1], "metric": key[2],
-                      **{f"mean_score_{t}": rows[t]["mean_score"] for t in TYPE_ORDER},
+        cases.append({"protocol": key[0], "model": key[1], "model_name": rows[TYPE_ORDER[0]]["model_name"],
+                      "metric": key[2], **{f"mean_score_{t}": rows[t]["mean_score"] for t in TYPE_ORDER},
                       "holds": bool(v[0] > v[1] > v[2]),
                       "cells": sorted({c for t in TYPE_ORDER for c in rows[t]["cells"]})})
     return cases
@@ -69,7 +70,8 @@ def _middle(a: dict) -> list[dict]:
         if not all(thirds.values()):
             continue
         e, m, l_ = (float(np.mean(thirds[i])) for i in range(3))
-        cases.append({"protocol": key[0], "model": key[1], "metric": key[2], "n_layers": n,
+        cases.append({"protocol": key[0], "model": key[1], "model_name": rows[0]["model_name"], "metric": key[2],
+                      "n_layers": n,
                       "mean_score_early": e, "mean_score_middle": m, "mean_score_late": l_,
                       "holds": bool(m > e and m > l_), "cells": sorted({c for p in rows for c in p["cells"]})})
     return cases
@@ -81,7 +83,8 @@ def _jaccard(a: dict) -> tuple[list[dict], list[dict]]:
         if s["k"] not in JACCARD_BARS or s["jaccard"]["mean"] is None:
             continue
         bar = JACCARD_BARS[s["k"]]
-        row = {"protocol": s["protocol"], "model": s["model"], "metric": s["metric"], "k": s["k"], "mode": s["mode"],
+        row = {"protocol": s["protocol"], "model": s["model"], "model_name": s["model_name"], "metric": s["metric"],
+               "k": s["k"], "mode": s["mode"],
                "jaccard_mean": s["jaccard"]["mean"], "jaccard_min": s["jaccard"]["min"], "bar": bar,
                "n_pairs": s["jaccard"]["n"], "cells": s["cells"]}
         if s["data_independent"]:
@@ -96,7 +99,8 @@ def _correlated(a: dict) -> list[dict]:
     for s in a["metric_agreement"]["spearman"]:
         if {s["metric_a"], s["metric_b"]} != {"grad_x_weight", "magnitude"} or s["rho"]["mean"] is None:
             continue
-        cases.append({"protocol": s["protocol"], "model": s["model"], "spearman_mean": s["rho"]["mean"],
+        cases.append({"protocol": s["protocol"], "model": s["model"], "model_name": s["model_name"],
+                      "spearman_mean": s["rho"]["mean"],
                       "spearman_min": s["rho"]["min"], "n_seed_pairs": s["rho"]["n"],
                       "holds": bool(s["rho"]["mean"] > 0.5), "cells": s["cells"]})
     return cases

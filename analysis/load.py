@@ -24,6 +24,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from .common import display_name
+
 log = logging.getLogger(__name__)
 
 SWEEP_MANIFEST = "sweep_manifest.json"
@@ -396,7 +398,8 @@ def _read_cell(d: Path, cell: str, ids: TensorIds, opts: LoadOptions) -> _Cell:
     out.row = {
         "cell": cell, "dir": str(d),
         "model": settings.get("model") or prov_model.get("model_id"), "model_id": prov_model.get("model_id"),
-        "hf_id": prov_model.get("hf_id"), "model_type": prov_model.get("model_type"),
+        "hf_id": prov_model.get("hf_id"), "model_source": prov_model.get("source"),
+        "model_type": prov_model.get("model_type"),
         "n_params": prov_model.get("n_params"), "n_layers": n_layers,
         "metric": pert.get("metric") or settings.get("metric"), "k": k, "mode": mode,
         "perturbation": perturbation_label(pert.get("perturbation"), settings),
@@ -463,7 +466,7 @@ def load_results(paths: Sequence[str | Path], opts: LoadOptions | None = None) -
     cells = pd.DataFrame([c.row for c in got])
     if len(cells):
         cells = _assign_protocols(cells)
-        cells["model_name"] = _short_names(cells["model"])
+        cells["model_name"] = _short_names(cells["model"], cells["model_source"])
     keys = {k: v for c in got for k, v in c.keys.items()}
     return ResultSet(
         cells=cells, results=pd.DataFrame([r for c in got for r in c.results]),
@@ -494,8 +497,10 @@ def _assign_protocols(cells: pd.DataFrame) -> pd.DataFrame:
     return cells
 
 
-def _short_names(models: pd.Series) -> pd.Series:
-    """Last path component of each model id, unless two different models would share it."""
-    short = models.astype(str).map(lambda m: m.rstrip("/").split("/")[-1] or m)
+def _short_names(models: pd.Series, sources: pd.Series) -> pd.Series:
+    """Each model's :func:`~analysis.common.display_name` (a local folder's name, a Hub id as it
+    is), unless two different models would share it: then the full id."""
+    short = pd.Series([display_name(m, s if isinstance(s, str) else None) for m, s in zip(models.astype(str), sources)],
+                      index=models.index)
     clash = short.groupby(short).transform(lambda s: models[s.index].nunique() > 1)
     return short.where(~clash, models.astype(str))

@@ -224,16 +224,36 @@ def agreement_page(a: dict) -> Figure:
     return fig
 
 
+def _most_enriched(a: dict, fit: dict) -> str:
+    """The group of a model's largest enrichment, with its interval: "mlp 1.7 [1.5, 1.9]"."""
+    mine = [s for s in a["location"]["shares"] if s["enrichment"] is not None and all(
+        s[k] == fit[k] for k in ("protocol", "model", "metric", "k", "mode", "variant", "axis"))]
+    if not mine:
+        return "-"
+    s = max(mine, key=lambda s: s["enrichment"])
+    return f"{s['category']} {_fmt(s['enrichment'])} {_ci(s['enrichment_ci'])}"
+
+
 def location_page(a: dict) -> Figure:
-    fig, (t, f) = _page("Where the top-K weights live", table_share=0.3)
-    tests = a["location"]["chi_square"]
-    rows = [[x["metric"], x["k"], x["mode"], x["axis"], x["model_a"].split("/")[-1], x["model_b"].split("/")[-1],
-             x.get("chi2"), x.get("dof"), x["p_value"], x.get("cramers_v")] for x in tests]
-    _table(t, ["metric", "K", "mode", "by", "model a", "model b", "chi2", "dof", "p", "Cramer's V"], rows,
-           "Do two models distribute their top-K weights alike? (chi-square test of homogeneity)",
-           " in location_tests.parquet")
-    if a["location"].get("note"):
-        t.text(0, 0.0, "\n".join(textwrap.wrap("Note: " + a["location"]["note"], 140)), fontsize=7, va="bottom",
+    fig, (t, f) = _page("Where the top-K weights live", table_share=0.34)
+    loc = a["location"]
+    fits = [[x["model_name"], x["metric"], x["k"], x["mode"], x["axis"], x.get("chi2"), x.get("dof"), x["p_value"],
+             _most_enriched(a, x)] for x in loc["fit"]]
+    tests = [[x["metric"], x["k"], x["mode"], x["axis"], x["model_name_a"], x["model_name_b"], x.get("g2"), x.get("dof"),
+              x["p_value"], x.get("p_holm")] for x in loc["comparisons"]]
+    t.axis("off")
+    sub1, sub2 = t.inset_axes((0, 0.52, 1, 0.48)), t.inset_axes((0, 0.06, 1, 0.4))
+    _table(sub1, ["model", "metric", "K", "mode", "by", "chi2", "dof", "p", "most enriched, 95% CI"], fits,
+           "Enrichment: top-K share / parameter share, tested against the model's own parameter shares", " in "
+           "location.parquet / location_fit.parquet", max_rows=8,
+           note="chi-square goodness of fit of the top-K counts to K x parameter share; per group: exact binomial test "
+                "and Clopper-Pearson interval")
+    _table(sub2, ["metric", "K", "mode", "by", "model a", "model b", "G2", "dof", "p", "p Holm"], tests,
+           "Do two models' enrichment profiles differ? (never their raw counts)", " in location_tests.parquet",
+           max_rows=8, note="likelihood-ratio test of the model x group interaction, Poisson log-linear model with "
+                            "offset log(K x the model's own parameter share)")
+    if loc.get("note"):
+        t.text(0, 0.0, "\n".join(textwrap.wrap("Note: " + loc["note"], 140)), fontsize=7, va="bottom",
                transform=t.transAxes)
     sub = f.inset_axes((0, 0.56, 1, 0.44))
     sub2 = f.inset_axes((0, 0.04, 1, 0.42))
@@ -261,8 +281,9 @@ def recurring_page(a: dict) -> Figure:
     for c in (sw or [])[:10]:
         tops = "; ".join(f"{t['metric']} K={t['k']} {t['mode']}: {len(t['seeds_in_top_k'])}/{t['seeds_ranked']} seeds"
                          for t in c["in_top_k"])
-        txt.append(f"  {c['model_name']} layer {c['layer']} {c['module']} [{c['row']}, {c['col']}] value {_fmt(c['value'])}"
-                   f", zeroed ratio {_fmt(c['ratio_zeroed'])} (random {_fmt(c['ratio_random'])}); in top-K: {tops or '-'}")
+        txt.append(f"  {c['model_name']} [{c['protocol']}] layer {c['layer']} {c['module']} [{c['row']}, {c['col']}] "
+                   f"value {_fmt(c['value'])}, zeroed ratio {_fmt(c['ratio_zeroed'])} (random {_fmt(c['ratio_random'])}); "
+                   f"in top-K of the same protocol: {tops or '-'}")
     for p in a["super_weights"]["published"]:
         n = {k: len(p.get(k) or []) for k in ("found", "missed", "new")}
         txt.append(f"  published coordinates of {p.get('hf_id')}: {n['found']} found, {n['missed']} missed; "
@@ -271,25 +292,80 @@ def recurring_page(a: dict) -> Figure:
     return fig
 
 
+def _grid_table(ax, header: list[str], rows: list[list[str]], widths: list[float], top: float,
+                size: float = 7.0) -> float:
+    """A ruled table in ``ax`` (proportional font, each cell's text wrapped to its column;
+    ``widths``: fractions of the axes' width) with its top edge at ``top`` (axes fraction).
+    Returns its bottom edge, for what comes under it."""
+    from matplotlib.table import Table
+
+    fw, fh = ax.figure.get_size_inches()
+    box = ax.get_position()
+    w_in, h_pt = box.width * fw, box.height * fh * 72
+    chars = [max(4, int(w * w_in * 72 / (0.56 * size)) - 2) for w in widths]  # ~0.56 em per character
+    cells = [[textwrap.fill(str(v), n) or " " for v, n in zip(r, chars)] for r in [header, *rows]]
+    heights = [(max(c.count("\n") + 1 for c in r) * 1.25 * size + 0.6 * size) / h_pt for r in cells]
+    table = Table(ax, bbox=(0, top - sum(heights), 1, sum(heights)))
+    for i, (r, h) in enumerate(zip(cells, heights)):
+        for j, (text, w) in enumerate(zip(r, widths)):
+            cell = table.add_cell(i, j, w, h, text=text, loc="left", facecolor="0.88" if i == 0 else "white",
+                                  edgecolor="0.6")
+            cell.PAD = 0.05 / (w * w_in)  # 0.05 inch either side, whatever the column's width
+            cell.set_linewidth(0.5)
+            cell.get_text().set_fontweight("bold" if i == 0 else "normal")
+    table.auto_set_font_size(False)
+    table.set_fontsize(size)
+    ax.add_table(table)
+    return top - sum(heights)
+
+
+# what a hypothesis case measured, in the order shown (keys of analysis.hypotheses' cases)
+CASE_NUMBERS = (("mean ratio", "mean_ratio"), ("attention", "mean_score_attention"), ("mlp", "mean_score_mlp"),
+                ("norm", "mean_score_norm"), ("early", "mean_score_early"), ("middle", "mean_score_middle"),
+                ("late", "mean_score_late"), ("Jaccard", "jaccard_mean"), ("bar", "bar"), ("Spearman", "spearman_mean"))
+
+
+def _cases_phrase(h: dict) -> str:
+    """'3 / 4', with what the summary adds after it; or 'not measured: why'."""
+    held, n = sum(bool(c["holds"]) for c in h["cases"]), len(h["cases"])
+    if not n:
+        return f"none measured: {h.get('why')}"
+    extra = (h.get("summary") or "").partition(";")[2].strip()
+    excluded = f"; {len(h['excluded'])} excluded (data-independent)" if h.get("excluded") else ""
+    return f"{held} / {n}" + excluded + (f"; {extra}" if extra else "")
+
+
+def hypotheses_rows(a: dict, max_failing: int = 14) -> tuple[list[list[str]], list[list[str]], int]:
+    """The hypotheses table (hypothesis, rule, verdict, cases holding / measured) and the table
+    of the cases that do not hold (hypothesis, model by its display name, metric, K, mode, the
+    numbers measured), the first ``max_failing`` of them; and how many failing cases there are."""
+    main = [[f"{h['id']}  {h['statement']}", h["rule"], h["verdict"], _cases_phrase(h)] for h in a["hypotheses"]]
+    failing = [(h["id"], c) for h in a["hypotheses"] for c in h["cases"] if not c["holds"]]
+    rows = [[hid, c.get("model_name") or c["model"], c.get("metric", "-"), _fmt(c.get("k")), c.get("mode", "-"),
+             ", ".join(f"{label} {_fmt(c[key])}" for label, key in CASE_NUMBERS if key in c)]
+            for hid, c in failing[:max_failing]]
+    return main, rows, len(failing)
+
+
 def hypotheses_page(a: dict) -> Figure:
     fig = Figure(figsize=PAGE)
     fig.suptitle("Seed hypotheses, checked", fontsize=13, x=0.05, ha="left", y=0.985)
-    ax = fig.add_axes((0.05, 0.04, 0.9, 0.92))
-    lines = []
-    for h in a["hypotheses"]:
-        lines.append(f"{h['id']} [{h['verdict'].upper()}] {h['statement']}")
-        lines.append(f"    rule: {h['rule']}")
-        lines.append(f"    {h.get('summary') or h.get('why')}")
-        for c in sorted(h["cases"], key=lambda c: c["holds"])[:4]:  # failing cases first
-            nums = ", ".join(f"{k}={_fmt(v)}" for k, v in c.items() if k not in ("cells", "holds", "protocol", "ci")
-                             and not isinstance(v, (list, dict)))
-            lines.append(f"      {'holds' if c['holds'] else 'fails'}: {nums} ({len(c['cells'])} cells)")
-        if len(h["cases"]) > 4:
-            lines.append(f"      ... {len(h['cases']) - 4} more cases in the JSON")
-        for c in h.get("excluded", [])[:2]:
-            lines.append(f"      excluded: {c['model']} {c['metric']} K={c['k']}: {c['why']}")
-        lines.append("")
-    _text(ax, lines, size=6.5)
+    ax = fig.add_axes((0.05, 0.04, 0.9, 0.9))
+    ax.axis("off")
+    main, failing, n_failing = hypotheses_rows(a)
+    ax.text(0, 1.0, "A hypothesis is supported only when every measured case holds. Every case, with its numbers\n"
+                    "and cells: statistical_analysis.json, section \"hypotheses\".", fontsize=8, va="top",
+            transform=ax.transAxes)
+    bottom = _grid_table(ax, ["hypothesis", "rule", "verdict", "cases holding / measured"], main,
+                         [0.3, 0.38, 0.1, 0.22], top=0.95)
+    ax.text(0, bottom - 0.03, f"Cases that do not hold ({n_failing})" + (
+        f": the first {len(failing)}" if n_failing > len(failing) else ""), fontsize=9, fontweight="bold", va="top",
+            transform=ax.transAxes)
+    if failing:
+        _grid_table(ax, ["", "model", "metric", "K", "mode", "measured"], failing, [0.05, 0.22, 0.16, 0.07, 0.09, 0.41],
+                    top=bottom - 0.06)
+    else:
+        ax.text(0, bottom - 0.06, "none: every measured case holds", fontsize=8, va="top", transform=ax.transAxes)
     return fig
 
 

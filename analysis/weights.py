@@ -1,5 +1,6 @@
 """Which weights come out on top: metric agreement on one model, where the top-K weights live
-(parameter type, relative depth) with a chi-square test between models, the sensitivity
+(parameter type, relative depth) against each model's own parameter shares (enrichment, tested
+within a model and compared between models: analysis/enrichment.py), the sensitivity
 profile of the full score statistics, recurring rows/columns and super-weight candidates."""
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import numpy as np
 import pandas as pd
 
 from .common import SCORING, bin_label, cells_list, key_dict, one_cell_per_seed, relative_depth_bin
+from .enrichment import compare_enrichment, enrichment_rows, goodness_of_fit
 from .load import ResultSet
-from .stats import chi_square_alike, jaccard_sorted, spearman, spread
+from .stats import jaccard_sorted, spearman, spread
 
 SAME_MODEL = ["protocol", "model", "param_types"]  # metrics are compared only within one of these
 PER_LAYER_NOTE = ("per_layer mode takes K weights from every tensor, so where the top-K weights live is fixed by "
@@ -143,58 +145,70 @@ def sensitivity_profile(rs: ResultSet, opts: WeightOptions) -> list[dict]:
     return out
 
 
-def location(rs: ResultSet, opts: WeightOptions) -> tuple[list[dict], list[dict]]:
-    """Share of the top-K weights by parameter type and by relative depth (mean over seeds),
-    against the share of all weights there (enrichment); and a chi-square test of whether two
-    models distribute alike (per protocol, metric, K and mode; global mode only)."""
-    if rs.topk_counts.empty:
-        return [], []
+def _location_counts(rs: ResultSet, opts: WeightOptions) -> dict[tuple, dict]:
+    """(scoring key, axis) -> the mean top-K count per seed of each group, the share of the
+    scored parameters in it (from one cell and seed of the key: every seed scores the same
+    tensors), and the cells. Keys are :data:`SCORING` (protocol, model, metric, K, mode, variant)."""
     tc = rs.topk_counts.merge(rs.cells[["cell", *SCORING, "model_name", "n_layers"]], on="cell")
     tc = one_cell_per_seed(tc, SCORING)
     tc["depth_bin"] = relative_depth_bin(tc["layer"], tc["n_layers"], opts.depth_bins)
     ws = rs.tensor_stats
     first_seed = ws.groupby("cell")["seed"].min() if not ws.empty else pd.Series(dtype=float)
-    rows, counts = [], {}
+    out = {}
     for key, g in tc.groupby(SCORING, sort=True, dropna=False):
-        n_seeds = g["seed"].nunique()
-        first = g["cell"].min()  # the weights' shares, from one cell and seed of this group
+        first = g["cell"].min()
         w = ws[(ws["cell"] == first) & (ws["seed"] == first_seed[first])] if first in first_seed.index else ws.iloc[:0]
         if len(w):
             w = w.assign(depth_bin=relative_depth_bin(w["layer"], pd.Series(g["n_layers"].iloc[0], index=w.index),
                                                       opts.depth_bins))
         for axis, col in (("param_type", "param_type"), ("depth", "depth_bin")):
-            c = g.groupby(col)["n"].sum() / n_seeds  # mean count per seed
+            c = g.groupby(col)["n"].sum() / g["seed"].nunique()  # mean count per seed
             wshare = (w.groupby(col)["count"].sum() / w["count"].sum()) if len(w) else pd.Series(dtype=float)
             c = c.reindex(c.index.union(wshare.index), fill_value=0.0)  # a type with no top-K weight is a 0, not n/a
-            counts[(key, axis)] = c.to_dict()
-            for cat, v in c.items():
-                share = v / c.sum()
-                ws_ = wshare.get(cat)
-                rows.append({**key_dict(SCORING, key), "model_name": g["model_name"].iloc[0], "axis": axis,
-                             "category": bin_label(int(cat), opts.depth_bins) if axis == "depth" else cat,
-                             "bin": int(cat) if axis == "depth" else None, "count_mean": v, "share": share,
-                             "weight_share": ws_, "enrichment": share / ws_ if ws_ else None, "n_seeds": n_seeds,
-                             "by_construction": key[SCORING.index("mode")] == "per_layer",
-                             "cells": cells_list(g["cell"])})
-    tests = []
-    groups: dict[tuple, list] = {}
-    for (key, axis) in counts:
+            out[(key, axis)] = {"counts": c.to_dict(), "shares": wshare.to_dict(), "n_seeds": g["seed"].nunique(),
+                                "model_name": g["model_name"].iloc[0], "cells": cells_list(g["cell"])}
+    return out
+
+
+def location(rs: ResultSet, opts: WeightOptions) -> tuple[list[dict], list[dict], list[dict]]:
+    """Where the top-K weights live (parameter type, relative depth), against where the model's
+    parameters are (analysis/enrichment.py): per group the enrichment with its interval and
+    exact test; per model a goodness-of-fit test to its own parameter shares; and between two
+    models of one protocol, metric, K, mode and variant a test of whether their enrichment
+    differs (never their raw counts). Tests in global mode only (per_layer: by construction)."""
+    if rs.topk_counts.empty:
+        return [], [], []
+    per = _location_counts(rs, opts)
+    rows, fits = [], []
+    for (key, axis), d in per.items():
+        kd, per_layer = key_dict(SCORING, key), key[SCORING.index("mode")] == "per_layer"
+        ids = {**kd, "model_name": d["model_name"], "axis": axis}
+        for cat, r in enrichment_rows(d["counts"], d["shares"]).items():
+            rows.append({**ids, "category": bin_label(int(cat), opts.depth_bins) if axis == "depth" else cat,
+                         "bin": int(cat) if axis == "depth" else None, "count_mean": r["count"], "share": r["share"],
+                         "weight_share": r["weight_share"], "enrichment": r["enrichment"],
+                         "enrichment_ci": [None, None] if per_layer else r["enrichment_ci"],
+                         "p_value": None if per_layer else r["p_value"],
+                         "n_seeds": d["n_seeds"], "by_construction": per_layer, "cells": d["cells"]})
+        fit = {"p_value": None, "note": PER_LAYER_NOTE} if per_layer else goodness_of_fit(d["counts"], d["shares"])
+        fits.append({**ids, **fit, "cells": d["cells"]})
+    pairs: dict[tuple, list] = {}
+    for key, axis in per:
         kd = key_dict(SCORING, key)
-        groups.setdefault((kd["protocol"], kd["metric"], kd["k"], kd["mode"], kd["variant"], axis), []).append(key)
-    for (proto, metric, k, mode, variant, axis), keys in sorted(groups.items(), key=lambda x: str(x[0])):
+        pairs.setdefault((*(kd[c] for c in SCORING if c != "model"), axis), []).append(key)
+    tests = []
+    for (*rest, axis), keys in sorted(pairs.items(), key=lambda x: str(x[0])):
         for ka, kb in combinations(sorted(keys, key=str), 2):
-            a, b = key_dict(SCORING, ka), key_dict(SCORING, kb)
-            t = {"protocol": proto, "metric": metric, "k": k, "mode": mode, "variant": variant, "axis": axis,
-                 "model_a": a["model"], "model_b": b["model"],
-                 "cells": cells_list(tc[tc["model"].isin([a["model"], b["model"]]) & (tc["metric"] == metric)
-                                        & (tc["k"] == k) & (tc["mode"] == mode) & (tc["protocol"] == proto)]["cell"])}
-            if mode == "per_layer":
+            a, b = per[(ka, axis)], per[(kb, axis)]
+            t = {**{c: v for c, v in zip([c for c in SCORING if c != "model"], rest)}, "axis": axis,
+                 "model_a": key_dict(SCORING, ka)["model"], "model_b": key_dict(SCORING, kb)["model"],
+                 "model_name_a": a["model_name"], "model_name_b": b["model_name"], "cells": cells_list(a["cells"] + b["cells"])}
+            if t["mode"] == "per_layer":
                 t.update(p_value=None, note=PER_LAYER_NOTE)
             else:
-                t.update(chi_square_alike(counts[(ka, axis)], counts[(kb, axis)]))
-                t["counts"] = "mean top-K count per seed in each category"
+                t.update(compare_enrichment(a["counts"], a["shares"], b["counts"], b["shares"]))
             tests.append(t)
-    return rows, tests
+    return rows, fits, tests
 
 
 def recurring_lines(rs: ResultSet, opts: WeightOptions) -> tuple[list[dict], list[dict]]:
@@ -223,38 +237,63 @@ def recurring_lines(rs: ResultSet, opts: WeightOptions) -> tuple[list[dict], lis
     return rows, cross
 
 
+SW_GROUP = ["model", "protocol", "variant"]  # one super-weight study: its candidates, causal numbers and ranks
+SW_NUMBERS = ("layer", "module", "row", "col", "value", "round", "ppl_zeroed", "ratio_zeroed", "ratio_random",
+              "ratio_restored")
+
+
+def _in_top_k(cells: pd.DataFrame, row: dict) -> list[dict]:
+    """For each metric that ranked the candidate, and each K and mode of that metric's cells of
+    the candidate's own model, protocol and variant: the seeds whose top-K holds it."""
+    same = cells[(cells["model"] == row["model"]) & (cells["protocol"] == row["protocol"])
+                 & (cells["variant"] == row["variant"])]
+    out = []
+    for metric, per_seed in sorted(row["ranks"].items()):
+        for (k, mode), g in same[same["metric"] == metric].groupby(["k", "mode"]):
+            ran = {s for seeds in g["seeds"] for s in str(seeds).split(",") if s != ""}
+            hits, ranked = [], 0
+            for seed, r in sorted(per_seed.items(), key=lambda x: int(x[0])):
+                rank = r.get("per_tensor") if mode == "per_layer" else r.get("global")
+                bound = None if mode == "per_layer" else r.get("global_lower_bound")
+                if seed not in ran or (rank is None and (bound is None or bound <= k)):
+                    continue  # ranked under a seed these cells did not run, or not known to be in or out
+                ranked += 1
+                if rank is not None and rank <= k:
+                    hits.append(int(seed))
+            out.append({"metric": metric, "k": int(k), "mode": mode, "seeds_in_top_k": hits, "seeds_ranked": ranked,
+                        "cells": cells_list(g["cell"])})
+    return out
+
+
 def super_weight_table(rs: ResultSet) -> tuple[list[dict], list[dict]]:
-    """Super-weight candidates (once per model and coordinate) beside every metric's ranks, and
-    whether each metric's top-K cells hold them; and the comparison with published ones."""
+    """Super-weight candidates, one row per coordinate and study (model, protocol, variant: the
+    prompts and settings it was found with), with the causal numbers of that study, every
+    metric's ranks (each cell's file ranks its own metric), and whether each metric's top-K
+    cells of the same protocol and variant hold it; and the comparison with published
+    coordinates, once per study."""
     if not rs.super_weights:
         return [], []
     cells = rs.cells.set_index("cell")
-    seen, rows, published = set(), [], []
+    rows: dict[tuple, dict] = {}
+    published: dict[tuple, dict] = {}
     for sw in rs.super_weights:
-        model = cells.loc[sw["cell"], "model"]
+        info = cells.loc[sw["cell"]]
+        group = {k: info[k] for k in SW_GROUP}
+        key = tuple(group.values())
         if sw.get("published") is not None:
-            published.append({"model": model, "cell": sw["cell"], **sw["published"]})
+            entry = published.setdefault(key, {**sw["published"], **group, "model_name": info["model_name"], "cells": []})
+            entry["cells"].append(sw["cell"])
         for c in sw.get("candidates", []):
-            ident = (model, c.get("layer"), c.get("module"), c.get("row"), c.get("col"))
-            if ident in seen:
-                continue
-            seen.add(ident)
-            in_top = []
+            row = rows.setdefault((*key, *(c.get(k) for k in ("layer", "module", "row", "col"))), {
+                **group, "model_name": info["model_name"], **{k: c.get(k) for k in SW_NUMBERS}, "ranks": {}, "cells": []})
+            row["cells"].append(sw["cell"])
             for metric, per_seed in (c.get("ranks") or {}).items():
-                mine = rs.cells[(rs.cells["model"] == model) & (rs.cells["metric"] == metric)]
-                for (k, mode), g in mine.groupby(["k", "mode"]):
-                    hits, total = [], 0
-                    for seed, r in per_seed.items():
-                        total += 1
-                        rank = r.get("per_tensor") if mode == "per_layer" else r.get("global")
-                        if rank is None and mode != "per_layer" and (r.get("global_lower_bound") or 0) > k:
-                            continue  # only a lower bound, already above K
-                        if rank is not None and rank <= k:
-                            hits.append(int(seed))
-                    in_top.append({"metric": metric, "k": int(k), "mode": mode, "seeds_in_top_k": hits,
-                                   "seeds_ranked": total, "cells": cells_list(g["cell"])})
-            rows.append({"model": model, "model_name": cells.loc[sw["cell"], "model_name"],
-                         **{k: c.get(k) for k in ("layer", "module", "row", "col", "value", "round", "ppl_zeroed",
-                                                  "ratio_zeroed", "ratio_random", "ratio_restored")},
-                         "ranks": c.get("ranks"), "in_top_k": in_top, "cells": [sw["cell"]]})
-    return rows, published
+                mine = row["ranks"].setdefault(metric, {})
+                for seed, r in per_seed.items():
+                    mine.setdefault(str(seed), r)  # one scoring pass per seed: the same rank in every cell
+    for row in rows.values():
+        row["in_top_k"] = _in_top_k(rs.cells, row)
+        row["cells"] = cells_list(row["cells"])
+    for p in published.values():
+        p["cells"] = cells_list(p["cells"])
+    return list(rows.values()), list(published.values())

@@ -87,6 +87,7 @@ class SynthCell:
     sample_size: int = 400
     set_key: str = ""  # cells with the same key (and seed and shape) draw the same top-K positions; "" = per model
     seed_dependent_sets: bool = True  # False: every seed draws the same top-K set
+    exact_placement: bool = False  # global: each tensor holds its expected share of K (largest remainder), no draw
     planted_line: tuple[str, str, int, int] | None = None  # (parameter, "row"/"col", index, weights)
     shuffle_rows: bool = False  # write top weights in random row order
     fmt: str = "parquet"
@@ -150,6 +151,15 @@ def _stats(c: SynthCell, tensors: list[dict]) -> dict:
     return {"metric": c.metric, "per_seed": per_seed}
 
 
+def _largest_remainder(k: int, w: np.ndarray) -> np.ndarray:
+    """``k`` split in proportion to ``w`` in whole numbers (Hamilton's method: floors, then the
+    largest remainders get one more each)."""
+    q = k * w / w.sum()
+    per = np.floor(q).astype(np.int64)
+    per[np.argsort(-(q - per), kind="stable")[: k - per.sum()]] += 1
+    return per
+
+
 def top_weights_frame(c: SynthCell, tensors: list[dict]) -> pd.DataFrame:
     """Top-K rows of every seed (per tensor or global), sorted by seed then score unless
     ``shuffle_rows``; ranks are 1-based within the tensor (per_layer) or overall (global)."""
@@ -162,7 +172,8 @@ def top_weights_frame(c: SynthCell, tensors: list[dict]) -> pd.DataFrame:
             per = np.minimum(numel, c.topk)
         else:
             w = np.array([n * _mean_score(c, t) for n, t in zip(numel, tensors)])
-            per = np.minimum(rng.multinomial(c.topk, w / w.sum()), numel)
+            per = np.minimum(_largest_remainder(c.topk, w) if c.exact_placement else
+                             rng.multinomial(c.topk, w / w.sum()), numel)
         tid = np.repeat(np.arange(len(tensors)), per)
         flat = np.concatenate([rng.choice(n, k, replace=False) for n, k in zip(numel, per)]) if per.sum() else np.zeros(0, np.int64)
         if c.planted_line is not None:  # m picks moved onto one row/column of one tensor

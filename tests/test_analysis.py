@@ -247,7 +247,7 @@ def test_dose_response_critical_k_through_the_pipeline(tmp_path):
     assert all(t["p_value"] is None and t["verdict"].startswith("not enough seeds") for t in a["paired_tests"])
 
 
-def test_location_chi_square_alike_and_unlike(tmp_path):
+def test_location_enrichment_alike_and_unlike(tmp_path):
     twin = SynthModel("synth/twin", n_layers=4)
     skew = SynthModel("synth/skew", n_layers=4)
     base = dict(topk=300, seeds=(0,), jaccard=None, set_key="shared")
@@ -257,10 +257,10 @@ def test_location_chi_square_alike_and_unlike(tmp_path):
                                             depth_profile=lambda x: 60.0 if x < 0.25 else 1.0,
                                             type_means={"attention": 1.0, "mlp": 1.0, "norm": 300.0}))
     a = run([tmp_path])
-    chi = a["location"]["chi_square"]
+    chi = a["location"]["comparisons"]
     alike = by(chi, model_a="synth/llama-a", model_b="synth/twin")
     assert {c["axis"] for c in alike} == {"depth", "param_type"}
-    assert all(c["p_value"] == pytest.approx(1.0) for c in alike)
+    assert all(c["p_value"] == pytest.approx(1.0) and c["g2"] == pytest.approx(0.0, abs=1e-9) for c in alike)
     unlike = by(chi, model_a="synth/llama-a", model_b="synth/skew")
     assert all(c["p_value"] < 1e-6 for c in unlike) and len(unlike) == 2
     depth = by(a["location"]["shares"], model="synth/skew", axis="depth")
@@ -274,8 +274,10 @@ def test_per_layer_location_is_flagged_by_construction(tmp_path):
     write_cell(tmp_path / "b", SynthCell(model=SynthModel("synth/b"), mode="per_layer", topk=5, seeds=(0,), jaccard=None))
     a = run([tmp_path])
     assert all(r["by_construction"] for r in a["location"]["shares"])
-    assert a["location"]["chi_square"] and all(c["p_value"] is None and "construction" in c["note"]
-                                               for c in a["location"]["chi_square"])
+    for section in ("comparisons", "fit"):
+        assert a["location"][section] and all(c["p_value"] is None and "construction" in c["note"]
+                                              for c in a["location"][section])
+    assert all(r["p_value"] is None and r["enrichment_ci"] == [None, None] for r in a["location"]["shares"])
 
 
 def test_recurring_line_is_found_in_every_seed(tmp_path):
@@ -376,5 +378,6 @@ def test_every_number_names_its_cells_and_json_is_strict(tmp_path):
     json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict constant {c}"))
     for section in ("ratios", "paired_tests", "dose_response", "stability", "sensitivity_profile"):
         assert a[section] and all(r["cells"] for r in a[section]), section
-    for r in a["location"]["shares"] + a["location"]["chi_square"] + a["metric_agreement"]["spearman"]:
+    for r in a["location"]["shares"] + a["location"]["fit"] + a["location"]["comparisons"] + \
+            a["metric_agreement"]["spearman"]:
         assert r["cells"]

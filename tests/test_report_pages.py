@@ -1,0 +1,62 @@
+"""The report's hypotheses page: a table naming each model by its display name (a local
+folder's name, a Hub id as it is), never by the path it was loaded from."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from matplotlib.table import Table
+from matplotlib.text import Text
+
+from analysis.common import display_name
+from analysis.compare import CompareOptions
+from analysis.cross_model import AnalysisOptions, analyze
+from analysis.report import hypotheses_page
+from synthetic_results import SynthCell, SynthModel, write_cell
+
+FAST = AnalysisOptions(compare=CompareOptions(n_boot=200), figures=False)
+CACHE = "/home/someone/.cache/cwa/demo-1a2b3c/cwa-demo"
+HUB = "meta-llama/Llama-2-7b-hf"
+
+
+@pytest.mark.parametrize("model, source, want", [
+    (CACHE, "local", "cwa-demo"), (CACHE, None, "cwa-demo"), ("./stories260k/", None, "stories260k"),
+    (HUB, "hub", HUB), (HUB, None, HUB), ("models/llama", "local", "llama"), ("builtin:demo", None, "builtin:demo"),
+])
+def test_display_name(model, source, want):
+    assert display_name(model, source) == want
+
+
+def _page_texts(fig) -> list[str]:
+    texts = [t.get_text() for t in fig.findobj(Text)]
+    for table in fig.findobj(Table):
+        texts += [c.get_text().get_text() for c in table.get_celld().values()]
+    return texts
+
+
+def test_hypotheses_page_is_a_table_naming_models_by_display_name(tmp_path):
+    """A local model loaded from a cache path and a Hub model, both failing H1 (top-K ratios
+    3-5x): the page's tables name them "cwa-demo" and "meta-llama/Llama-2-7b-hf"; no text on
+    the page holds the cache path."""
+    bad = {"top_k": [3.0, 4.0, 5.0], "random_k": [1.5, 1.6, 1.7], "bottom_k": [1.0, 1.0, 1.0]}
+    write_cell(tmp_path / "local", SynthCell(model=SynthModel(CACHE), ratios=bad))
+    write_cell(tmp_path / "hub", SynthCell(model=SynthModel(HUB), ratios=bad))
+    m = json.loads((tmp_path / "hub" / "manifest.json").read_text())
+    m["provenance"]["model"]["source"] = "hub"
+    (tmp_path / "hub" / "manifest.json").write_text(json.dumps(m))
+    a = analyze([str(tmp_path)], options=FAST)
+    fig = hypotheses_page(a)
+    tables = fig.findobj(Table)
+    assert len(tables) == 2  # the hypotheses, and the cases that do not hold
+    head = [tables[0].get_celld()[(0, j)].get_text().get_text() for j in range(4)]
+    assert head == ["hypothesis", "rule", "verdict", "cases holding / measured"]
+    cells = {k: c.get_text().get_text() for k, c in tables[0].get_celld().items()}
+    h1 = next(i for i in range(1, 8) if cells[(i, 0)].startswith("H1"))
+    assert cells[(h1, 2)].replace("\n", " ") == "not supported" and cells[(h1, 3)] == "0 / 2"
+    failing = tables[1].get_celld()
+    models = {failing[(i, 1)].get_text().get_text() for i in range(1, 3)}
+    assert models == {"cwa-demo", HUB}
+    assert not [t for t in _page_texts(fig) if "/home" in t or ".cache" in t]
+    # the JSON keeps the full id beside the display name
+    h1_cases = next(h for h in a["hypotheses"] if h["id"] == "H1")["cases"]
+    assert {(c["model"], c["model_name"]) for c in h1_cases} == {(CACHE, "cwa-demo"), (HUB, HUB)}
