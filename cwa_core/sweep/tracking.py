@@ -8,7 +8,10 @@ Layout, all in one experiment per sweep name, marked as a model-development expe
   setting as a param; mean ratios by selection, Jaccard, the super-weight numbers and (after the
   analysis) the critical K as metrics; the cell's output folder as artifacts
     one run per seed and selection (params model, metric, mode, topk, perturbation,
-    selection, seed, ppl_status; metrics ppl, baseline_ppl, ppl_ratio, nll where finite)
+    selection, seed, ppl_status; metrics ppl, baseline_ppl, ppl_ratio, log10_ppl_ratio, nll where finite)
+Every perplexity ratio is logged twice: as it is and as its log10 (``log10_top_k_ppl_ratio_mean``
+beside ``top_k_ppl_ratio_mean``, ``log10_ppl_ratio`` beside ``ppl_ratio``), so that MLflow's linear
+charts read ratios that span orders of magnitude; a ratio that is not finite is logged as neither.
 A cell is logged from its folder (the files written first are the record), so a cell whose files
 were written but whose runs were not (a driver killed in between) is logged on resume without
 recomputing anything. Every run below the sweep run is tagged with the cell id and the sweep
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -49,6 +53,14 @@ def ui_hint(uri: str, experiment_id: str, port: int = 5000) -> str:
              "&orderByKey=metrics.%60top_k_ppl_ratio_mean%60&orderByAsc=false&compareRunsMode=CHART")
     return (f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port {port}, then open "
             f"http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs?{query}")
+
+
+def log10_ratio(v: float | None) -> float | None:
+    """log10 of a perplexity ratio for the charts; None (not logged, as the ratio itself is not)
+    when the ratio is missing, NaN or not positive, and +inf for +inf (dropped like the ratio)."""
+    if v is None or not float(v) > 0:
+        return None
+    return math.log10(float(v))
 
 
 def _flat(settings: dict) -> dict[str, str]:
@@ -223,7 +235,8 @@ class Tracker:
         self._log(run_id, params={**_flat(cell.settings), "cell_id": cell.id, "perturbation": cfg.perturb,
                                   "protocol": (result.get("protocol") or {}).get("name", cfg.protocol)},
                   metrics={"baseline_ppl": result["baseline"]["ppl"],
-                           **{f"{k}_ppl_ratio_mean": v for k, v in means.items()}, **extra})
+                           **{f"{k}_ppl_ratio_mean": v for k, v in means.items()},
+                           **{f"log10_{k}_ppl_ratio_mean": log10_ratio(v) for k, v in means.items()}, **extra})
         maybe_fault("driver:mid_log", cell=cell.id)
         for r in result["results"]:
             child = self._run(f"{name}/{r['selection']}/seed{r['seed']}", run_id,
@@ -233,7 +246,7 @@ class Tracker:
                                      "seed": r["seed"], "cell_id": cell.id,
                                      "ppl_status": r.get("ppl_status", finite_status(r["ppl"]))},
                       metrics={"ppl": r["ppl"], "baseline_ppl": result["baseline"]["ppl"], "ppl_ratio": r["ppl_ratio"],
-                               "nll": r["nll"]})
+                               "log10_ppl_ratio": log10_ratio(r["ppl_ratio"]), "nll": r["nll"]})
             self._end(child)
         self.client.log_artifacts(run_id, str(cell_dir))
         self._end(run_id)
