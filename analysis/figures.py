@@ -222,18 +222,20 @@ def param_type_figure(a: dict) -> tuple[Figure, str]:
     else:
         rows = [p for p in a.get("sensitivity_profile", []) if p["axis"] == "param_type"]
         what, val = "mean score per weight / model mean (all weights)", "relative"
-    fig = Figure(figsize=(6.5, 1.2 + 0.45 * max(1, len({(r["model_name"], r["metric"]) for r in rows}))),
-                 layout="constrained")
+    def row_key(r):  # one heat-map row per model, metric, protocol and variant: never two drawn on one
+        return r["model_name"], r["metric"], r["protocol"], r["variant"]
+
+    fig = Figure(figsize=(6.5, 1.2 + 0.45 * max(1, len({row_key(r) for r in rows}))), layout="constrained")
     ax = fig.subplots()
     if not rows:
         _empty(ax, "no top weights or statistics")
         return fig, "No top weights or score statistics were found, so no parameter-type map is drawn."
-    ylabels = sorted({(r["model_name"], r["metric"]) for r in rows})
+    ylabels = sorted({row_key(r) for r in rows})
     types = [t for t in ("attention", "mlp", "norm", "embedding", "lm_head") if any(r["category"] == t for r in rows)]
     types += sorted({r["category"] for r in rows} - set(types))
     m = np.full((len(ylabels), len(types)), np.nan)
     for r in rows:
-        m[ylabels.index((r["model_name"], r["metric"])), types.index(r["category"])] = value(r[val])
+        m[ylabels.index(row_key(r)), types.index(r["category"])] = value(r[val])
     im = ax.imshow(np.where(np.isfinite(m), m, np.nan), cmap="Greys", aspect="auto")
     fin = m[np.isfinite(m)]
     mid = (fin.max() + fin.min()) / 2 if fin.size else 0
@@ -242,7 +244,9 @@ def param_type_figure(a: dict) -> tuple[Figure, str]:
             ax.text(j, i, "n/a" if np.isnan(m[i, j]) else f"{m[i, j]:.2f}", ha="center", va="center", fontsize=8,
                     color="white" if np.isfinite(m[i, j]) and m[i, j] > mid else "black")
     ax.set_xticks(range(len(types)), types)
-    ax.set_yticks(range(len(ylabels)), [f"{a_} / {b}" for a_, b in ylabels], fontsize=8)
+    many_p, many_v = (len({y[i] for y in ylabels}) > 1 for i in (2, 3))
+    ax.set_yticks(range(len(ylabels)), [f"{mo} / {me}" + (f" [{p}]" if many_p else "") + (f" ({v})" if many_v else "")
+                                        for mo, me, p, v in ylabels], fontsize=8)
     ax.set_xlabel("parameter type")
     fig.colorbar(im, ax=ax, label=f"{val} (x)")
     cells = {c for r in rows for c in r["cells"]}

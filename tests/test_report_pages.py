@@ -60,3 +60,28 @@ def test_hypotheses_page_is_a_table_naming_models_by_display_name(tmp_path):
     # the JSON keeps the full id beside the display name
     h1_cases = next(h for h in a["hypotheses"] if h["id"] == "H1")["cases"]
     assert {(c["model"], c["model_name"]) for c in h1_cases} == {(CACHE, "cwa-demo"), (HUB, HUB)}
+
+
+def test_parameter_type_map_draws_each_variant_on_its_own_row(tmp_path):
+    """Two variants of one model and metric (another calibration size) have different enrichment:
+    two rows of the heat map, not one overwritten by the other."""
+    from analysis.figures import FIGURES
+
+    flat, planted = {"attention": 1.0, "mlp": 1.0, "norm": 1.0}, {"attention": 3.0, "mlp": 1.0, "norm": 1.0}
+    for name, means in (("a", flat), ("a-big", planted)):
+        write_cell(tmp_path / name, SynthCell(topk=2569, seeds=(0,), jaccard=None, exact_placement=True,
+                                              type_means=means))
+    m = json.loads((tmp_path / "a-big" / "manifest.json").read_text())
+    m["settings"]["max_samples"] = 64
+    (tmp_path / "a-big" / "manifest.json").write_text(json.dumps(m))
+    a = analyze([str(tmp_path)], options=FAST)
+    fig, _ = FIGURES["param_type_by_model"](a)
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    variants = sorted({c["variant"] for c in a["cells"]["table"]})
+    assert labels == [f"llama-a / grad_x_weight ({v})" for v in variants]
+    shown = sorted(float(t.get_text()) for t in ax.texts if t.get_text() != "n/a")
+    # attention, mlp, norm: 1, 1, 1 (proportional) and 3 N / N_weighted = 1.669, 0.556, 0.556 (attention 3x), up to
+    # the whole-weight placement of K = 2569 and 2-digit printing
+    assert shown == pytest.approx(sorted([1.0, 1.0, 1.0, 3 * 164416 / 295488, 164416 / 295488, 164416 / 295488]),
+                                  abs=0.015)
