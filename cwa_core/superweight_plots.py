@@ -36,7 +36,9 @@ def plot_super_weight_spikes(report: Mapping[str, Any], path: str | Path) -> Pat
     """One line per round: the largest |output| of each layer's down projection (log scale),
     round 0 being the unmodified model and round k the model with the candidates of rounds < k
     zeroed; the dotted grey line is each layer's output threshold; candidates are labelled
-    (row, col) where they were found. Writes a PNG to ``path`` and returns it."""
+    (row, col) where they were found, and rejected proposals (a spike no single weight makes:
+    ``report["rejected"]``) are grey crosses labelled "rejected (row, col)". Writes a PNG to
+    ``path`` and returns it."""
     layers = sorted(report.get("layers") or [], key=lambda e: e["layer"])
     if not layers:
         raise ValueError("plot_super_weight_spikes: the report has no layers")
@@ -59,6 +61,15 @@ def plot_super_weight_spikes(report: Mapping[str, Any], path: str | Path) -> Pat
             if i < len(x) and x[i] == c["layer"] and math.isfinite(by_round[k][i]):
                 ax.annotate(f"({c['row']}, {c['col']})", (x[i], by_round[k][i]), textcoords="offset points",
                             xytext=(4, 6), fontsize=8)
+        first = True
+        for c in report.get("rejected") or []:
+            k, i = int(c["round"]), int(np.searchsorted(x, c["layer"]))
+            if k < n_rounds and i < len(x) and x[i] == c["layer"] and math.isfinite(by_round[k][i]):
+                ax.plot(x[i], by_round[k][i], linestyle="none", marker="x", markersize=9, color="#7f7f7f",
+                        label="rejected proposal" if first else None)
+                ax.annotate(f"rejected ({c['row']}, {c['col']})", (x[i], by_round[k][i]), textcoords="offset points",
+                            xytext=(4, -12), fontsize=8, color="#555555")
+                first = False
         ax.set_yscale("log")
         ax.set_xlabel("decoder layer (index)")
         ax.set_ylabel("largest |down_proj output| (activation units)")

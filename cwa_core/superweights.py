@@ -4,7 +4,9 @@ causal test, ranks under a metric, and the published coordinates.
 A super weight is one entry ``W[row, col]`` of an MLP down projection that turns a massive
 input activation (channel ``col``) into a massive output activation (channel ``row``) on a few
 tokens; the model depends on that activation. Detection needs forward passes only: the output's
-largest |value| gives the row, the input's the column; zero the weight and look again.
+largest |value| gives the row and its token t; the column is read at that same token t (the
+paper's Y[t, row] ~ X[t, col] W[row, col]), as the input channel whose term W[row, k] x[t, k]
+makes most of the spike; zero the weight and look again.
 
 Convention everywhere: row = output channel, col = input channel, as in ``nn.Linear.weight``
 (out, in). GPT-2's ``Conv1D`` stores its weight (in, out); it is translated on the way in and
@@ -50,8 +52,11 @@ class SuperWeightOptions:
     """Detection thresholds and loop limits (recorded with every result).
 
     In one round, a layer's down projection proposes a candidate when its largest |output|
-    exceeds both ``out_floor`` and ``out_ratio`` x that layer's median |output|, and its
-    largest |input| exceeds both ``in_floor`` and ``in_ratio`` x its median |input| (strictly).
+    y[t, row] exceeds both ``out_floor`` and ``out_ratio`` x that layer's median |output|. The
+    candidate's column is the input channel with the largest term |W[row, k] x[t, k]| at that
+    same token t; it is reported only if that input |x[t, col]| exceeds both ``in_floor`` and
+    ``in_ratio`` x its median |input| (strictly), and zeroing the weight lowers |y[t, row]| by
+    at least ``min_drop`` of itself; otherwise it is recorded as rejected, with its numbers.
 
     * ``out_ratio`` 1000: Sun et al. 2024 ("Massive activations in large language models") call
       an activation massive at about 1000x the median magnitude (in LLaMA2-7B theirs reach the
@@ -62,6 +67,14 @@ class SuperWeightOptions:
       floor clears 500x whenever the median |input| is below 0.1. The trained 260K Llama (no
       super weight) stays far below both sides: largest |input| 12.3, up to 103x its median;
       largest |output| 7.4, up to 29x (8 held-out TinyStories windows of 256 tokens).
+    * ``min_drop`` 0.25: the share of the output spike at its token that zeroing the weight must
+      remove, |y - W[row, col] x[t, col]| <= (1 - min_drop) |y|. It is exact without another
+      forward pass: the down projection's input does not depend on its own weight. A weight that
+      feeds nothing (share ~0) or whose removal flips the spike's sign without shrinking it
+      (share ~2) fails; 0.25 still admits up to four equal weights feeding one row, the first
+      of which is found in one round and the others in later ones (Llama-13B's two weights in
+      row 2231, Yu et al. Table 2). A rejected spike stays in that layer, so the layer's smaller
+      spikes are not examined in that state (the rejection says so in the result).
 
     Median: of |x| over every (window, position, channel) entry of the layer's down-projection
     input (resp. output) in that round's pass over the prompts, NaN entries left out. It is read
@@ -74,6 +87,7 @@ class SuperWeightOptions:
     in_ratio: float = 500.0
     out_floor: float = 50.0
     in_floor: float = 50.0
+    min_drop: float = 0.25
     max_rounds: int = 8  # rounds that may propose candidates (one more pass measures the last)
     batch_size: int = 8  # prompt windows per forward
     max_positions: int = 1000  # token positions listed per candidate (the count is always given)
@@ -83,6 +97,8 @@ class SuperWeightOptions:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"super-weight option {name}={v!r}; allowed: a finite number >= 0")
+        if not (isinstance(self.min_drop, (int, float)) and 0 <= self.min_drop <= 1):
+            raise ValueError(f"super-weight option min_drop={self.min_drop!r}; allowed: a number in [0, 1]")
         for name in ("max_rounds", "batch_size", "max_positions"):
             v = getattr(self, name)
             if not (isinstance(v, int) and v >= 1):
@@ -91,6 +107,9 @@ class SuperWeightOptions:
     def thresholds(self) -> dict:
         return {"out_ratio": self.out_ratio, "in_ratio": self.in_ratio,
                 "out_floor": self.out_floor, "in_floor": self.in_floor,
+                "pairing": "col = argmax_k |W[row, k] x[t, k]| at the token t of the output spike y[t, row]",
+                "min_drop": self.min_drop,
+                "min_drop_rule": "reported only if |y[t, row] - W[row, col] x[t, col]| <= (1 - min_drop) |y[t, row]|",
                 "median": "of |x| over all (window, position, channel) entries of the layer in that "
                           "round, from a log2 histogram (16 bins per octave, within 2.2%)",
                 "max_rounds": self.max_rounds}
@@ -118,15 +137,20 @@ class Candidate(Coordinate):
     dtype: str = ""
     round: int = 0  # detection round (0: the unmodified model)
     col_rule: str = "input_max"  # or "largest_contribution" (see detect_super_weights)
+    rejected: str = ""  # why the proposal is not reported; "" for a reported candidate
     spike_out_before: float = math.nan  # max |output| of channel ``row`` over the prompts
     spike_out_after: float = math.nan  # the same once this round's candidates are zeroed
     spike_in_before: float = math.nan  # max |input| of channel ``col``
     spike_in_after: float = math.nan
     threshold_out: float = math.nan  # the layer's thresholds in that round
     threshold_in: float = math.nan
-    contribution: float = math.nan  # W[row, col] x_col / y_row at the output spike's token
-    out_position: tuple[int, int] = (-1, -1)  # (window, position) of the output spike
-    in_position: tuple[int, int] = (-1, -1)
+    contribution: float = math.nan  # W[row, col] x[t, col] / y[t, row]: its share of the spike at token t
+    contribution_abs: float = math.nan  # |W[row, col] x[t, col]| at the output spike's token t
+    x_at_token: float = math.nan  # x[t, col]: the input that feeds it there
+    y_at_token: float = math.nan  # y[t, row]: the output spike
+    y_at_token_after: float = math.nan  # y[t, row] - W[row, col] x[t, col]: the output there once it is zeroed
+    out_position: tuple[int, int] = (-1, -1)  # (window, position) t of the output spike
+    in_position: tuple[int, int] = (-1, -1)  # the input is read at the same token: equal to out_position
     token_positions: list[tuple[int, int]] = field(default_factory=list)  # |y_row| > threshold_out
     n_token_positions: int = 0
 
@@ -156,6 +180,7 @@ class Detection:
     length: int
     seconds: float
     refs: list[ParamRef]  # the down projections' weights, by layer (for zeroing)
+    rejected: list[Candidate] = field(default_factory=list)  # proposals that failed the check, once each
 
 
 # --------------------------------------------------------------------------- model plumbing
@@ -330,15 +355,21 @@ def detect_super_weights(model: nn.Module, prompts: torch.Tensor,
 
     ``prompts``: (N, L) int64 token windows (a single prompt (L,) or (1, L) works too). Round
     ``k`` runs the prompts with every candidate of rounds < k zeroed (restored bit for bit
-    afterwards). In each layer whose spikes pass the thresholds (:class:`SuperWeightOptions`),
-    row = the channel of the largest |output| and col = the channel of the largest |input|. If
-    that weight is already zeroed, the row's spike has another source: col = the input channel
-    contributing most, |W[row, c] x_c|, at the spike's token, if that input also passes the
-    input threshold (``col_rule`` "largest_contribution"; e.g. Llama-13B's two weights in one
-    row). The loop ends when a round proposes nothing new or after ``max_rounds``; one more
-    pass then measures the spikes that the last round's removals leave. Each new candidate's
-    token positions (|output of its row| > the threshold) come from one extra pass over the
-    prompts in the same state. Memory: per layer a few channel vectors and a histogram.
+    afterwards). In each layer whose output spikes (:class:`SuperWeightOptions`), row = the
+    channel of the largest |output| y[t, row] and t its token; col = the input channel whose
+    term |W[row, k] x[t, k]| is largest at that same token. The paper pairs them the same way
+    (Yu et al. 2024, section 3.1: Y[t, row] ~ X[t, col] W[row, col]); reading col at t, and by
+    the term rather than by |x[t, k]| alone, keeps a larger input spike elsewhere (another
+    token) or one whose column feeds this row nothing from being taken for the source. Where the
+    two readings agree ``col_rule`` is "input_max", else "largest_contribution" (e.g. the row
+    still spikes after its first weight is zeroed: Llama-13B's two weights in one row). The
+    candidate is reported only if x[t, col] passes the input threshold and zeroing it lowers
+    |y[t, row]| by at least ``min_drop``; otherwise it goes to ``Detection.rejected`` with its
+    numbers (once per coordinate) and is not zeroed. The loop ends when a round reports nothing
+    new or after ``max_rounds``; one more pass then measures the spikes that the last round's
+    removals leave. Each new candidate's token positions (|output of its row| > the threshold)
+    come from one extra pass over the prompts in the same state. Memory: per layer a few
+    channel vectors and a histogram.
     """
     with eval_mode(model):
         return _detect(model, _windows(prompts), opts)
@@ -350,6 +381,7 @@ def _detect(model: nn.Module, windows: torch.Tensor, opts: SuperWeightOptions) -
     refs = [ref for *_, ref in targets]
     traces = [LayerTrace(layer, name) for layer, name, _, _ in targets]
     found: list[Candidate] = []
+    rejected: dict[tuple[int, int, int], Candidate] = {}
     zeroed: list[tuple[int, int]] = []  # (tensor id, flat index) of found candidates
     last_new: list[Candidate] = []
     converged = False
@@ -371,8 +403,13 @@ def _detect(model: nn.Module, windows: torch.Tensor, opts: SuperWeightOptions) -
                 lp = passes[cand.layer]
                 cand.spike_out_after = float(lp.y.chan[cand.row])
                 cand.spike_in_after = float(lp.x.chan[cand.col])
-            new = [c for tgt, lp, trace in zip(targets, passes, traces)
-                   if (c := _propose(tgt, lp, trace, found, rnd, opts)) is not None]
+            proposed = [c for tgt, lp, trace in zip(targets, passes, traces)
+                        if (c := _propose(tgt, lp, trace, found, rnd, opts)) is not None]
+            for c in proposed:
+                if c.rejected and c.key not in rejected:
+                    rejected[c.key] = c
+                    log.info("super weights round %d: %s rejected: %s", rnd, c.key, c.rejected)
+            new = [c for c in proposed if not c.rejected]
             if not new:
                 converged = True
                 break
@@ -387,34 +424,50 @@ def _detect(model: nn.Module, windows: torch.Tensor, opts: SuperWeightOptions) -
     if not converged:
         log.warning("super-weight detection stopped after max_rounds=%d with spikes left", opts.max_rounds)
     return Detection(found, traces, rounds, converged, opts, windows.shape[0], windows.shape[1],
-                     time.perf_counter() - t0, refs)
+                     time.perf_counter() - t0, refs, list(rejected.values()))
 
 
 def _propose(target, lp: _LayerPass, trace: LayerTrace, found: Sequence[Candidate], rnd: int,
              opts: SuperWeightOptions) -> Candidate | None:
-    """This round's candidate of one layer, or None (see :func:`detect_super_weights`)."""
+    """This round's proposal of one layer: None when its output does not spike, else a
+    :class:`Candidate` whose ``rejected`` says why it fails the check ("" when it passes; see
+    :func:`detect_super_weights`)."""
     layer, name, _, ref = target
     thr_out = _threshold(opts.out_ratio, opts.out_floor, trace.median_out[-1])
     thr_in = _threshold(opts.in_ratio, opts.in_floor, trace.median_in[-1])
-    if not (lp.y.max > thr_out and lp.x.max > thr_in):  # NaN thresholds compare False
+    if not lp.y.max > thr_out:  # a NaN threshold compares False
         return None
-    row, col = lp.y.where[0], lp.x.where[0]
-    taken = {c.col for c in found if c.layer == layer and c.row == row}
-    rule, in_position = "input_max", lp.x.where[1:]
+    row, position = lp.y.where[0], lp.y.where[1:]
+    x_t = lp.x_at_out_max  # (in channels,) the input at the output spike's token t
     w_row = _weight_row(ref, row).float()
-    if col in taken:  # already zeroed, yet the row still spikes: find what feeds it now
-        contrib = (w_row * lp.x_at_out_max).abs()
-        contrib[list(taken)] = -1.0
-        col = int(contrib.argmax())
-        rule, in_position = "largest_contribution", lp.y.where[1:]
-        if col in taken or not float(lp.x_at_out_max[col].abs()) > thr_in:
-            return None
-    value = float(w_row[col])
+    terms = (w_row * x_t).abs().nan_to_num_(nan=-1.0)  # |W[row, k] x[t, k]|, (in channels,)
+    taken = [c.col for c in found if c.layer == layer and c.row == row]
+    terms[taken] = -1.0  # zeroed already (their terms are 0 in this state anyway)
+    col = int(terms.argmax())
+    if not float(terms[col]) >= 0:
+        return None  # nothing left to attribute the spike to
+    rule = "input_max" if col == int(x_t.abs().nan_to_num(nan=-1.0).argmax()) else "largest_contribution"
+    value, x_col, y_t = float(w_row[col]), float(x_t[col]), lp.y.signed
+    after = y_t - value * x_col  # exact: the down projection's input does not depend on its own weight
+    rejected = ""
+    if not math.isfinite(y_t):
+        rejected = f"the output spike y[t, {row}] = {y_t} is not finite: its share cannot be measured"
+    elif value * x_col == 0:
+        rejected = (f"no input channel feeds y[t, {row}]: every term W[{row}, k] x[t, k] is 0 (a bias, or zeroed "
+                    "weights)")
+    elif not abs(x_col) > thr_in:
+        rejected = (f"input |x[t, {col}]| = {abs(x_col):.4g} at the output spike's token is not above the input "
+                    f"threshold {thr_in:.4g}")
+    elif not abs(after) <= (1 - opts.min_drop) * abs(y_t):
+        rejected = (f"zeroing it leaves |y[t, {row}]| = {abs(after):.4g} of {abs(y_t):.4g} (removes "
+                    f"{1 - abs(after) / abs(y_t):.3g} of the spike; min_drop {opts.min_drop:g}); this layer's "
+                    "smaller spikes are not examined while this one stands")
     return Candidate(layer, row, col, name, value=value, dtype=str(ref.param.dtype).removeprefix("torch."),
-                     round=rnd, col_rule=rule, spike_out_before=float(lp.y.chan[row]),
+                     round=rnd, col_rule=rule, rejected=rejected, spike_out_before=float(lp.y.chan[row]),
                      spike_in_before=float(lp.x.chan[col]), threshold_out=thr_out, threshold_in=thr_in,
-                     contribution=value * float(lp.x_at_out_max[col]) / lp.y.signed if lp.y.signed else math.nan,
-                     out_position=lp.y.where[1:], in_position=in_position)
+                     contribution=value * x_col / y_t if y_t else math.nan, contribution_abs=abs(value * x_col),
+                     x_at_token=x_col, y_at_token=y_t, y_at_token_after=after,
+                     out_position=position, in_position=position)
 
 
 def _capture_rows(model: nn.Module, windows: torch.Tensor, batch_size: int,
@@ -728,6 +781,11 @@ def super_weights_report(detection: Detection, causal: CausalTest | None, *, mod
                          dtype: str, prompt_source: str, prompt_text: str | None = None,
                          ranks: RankSinks | None = None, published: dict | None = None) -> dict:
     """The JSON-ready ``super_weights.json`` dict (non-finite numbers stay floats)."""
+    rejected = []
+    for c in detection.rejected:
+        row = asdict(c)
+        row["out_position"], row["in_position"] = list(c.out_position), list(c.in_position)
+        rejected.append(row)
     cand_rows = []
     for i, c in enumerate(detection.candidates):
         row = {k: v for k, v in asdict(c).items()}
@@ -758,6 +816,7 @@ def super_weights_report(detection: Detection, causal: CausalTest | None, *, mod
                                              "window_length": causal.baseline.window_length,
                                              "seeds": list(causal.seeds), "seconds": causal.seconds},
         "candidates": cand_rows,
+        "rejected": rejected,  # proposals that failed the check (not zeroed, not tested, not ranked)
         "all": None if causal is None else causal.all,
         "layers": layers,
         "published": published,

@@ -18,7 +18,11 @@ from cwa_core.superweights import (
     CONVENTION,
     CandidateRanks,
     Coordinate,
+    LayerTrace,
     SuperWeightOptions,
+    _down_proj_refs,
+    _LayerPass,
+    _propose,
     _Spikes,
     causal_test,
     detect_super_weights,
@@ -244,7 +248,7 @@ def test_real_260k_model_proposes_no_candidate_with_default_thresholds(assets):
     held_out = split(stream, calib_length=256, eval_length=256, n_eval=8).eval_windows()
     assert held_out.shape == (8, 256)
     det = detect_super_weights(model, held_out)
-    assert det.candidates == [] and det.rounds == 1 and det.converged
+    assert det.candidates == [] and det.rejected == [] and det.rounds == 1 and det.converged
     opts = SuperWeightOptions()
     for t in det.layers:  # far from every threshold, on both sides
         assert 1 < t.max_in[0] < opts.in_floor / 3 and t.max_in[0] < opts.in_ratio / 4 * t.median_in[0]
@@ -304,6 +308,176 @@ def test_a_low_threshold_finds_a_spike_that_the_default_does_not():
     det = detect_super_weights(model, prompts, SuperWeightOptions(out_floor=1.0, out_ratio=100.0))
     assert _keys(det) == [(0, 11, 20)]
     assert det.candidates[0].threshold_out == pytest.approx(max(1.0, 100 * det.layers[0].median_out[0]))
+
+
+# ----------------------------------------------------------------------------- input and output paired at one token
+
+BOS = 1  # tiny_config's bos_token_id
+
+
+def bos_windows(n: int, length: int, seed: int) -> torch.Tensor:
+    """Random tokens (8..127), BOS first, the frequent token T every third position after it."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randint(8, 128, (n, length), generator=g)
+    w[:, 0] = BOS
+    w[:, 1::3] = T
+    return w
+
+
+def _down_proj_io(model, layer: int, prompts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, y) of ``layer``'s down projection over ``prompts``: (N, L, in) and (N, L, out), by a
+    plain forward hook (independent of the detection's streaming statistics)."""
+    seen = {}
+    mod = down_projections(model)[layer][1]
+    h = mod.register_forward_hook(lambda m, a, o: seen.update(x=a[0].detach().clone(), y=o.detach().clone()))
+    try:
+        with torch.no_grad():
+            model(prompts)
+    finally:
+        h.remove()
+    return seen["x"], seen["y"]
+
+
+def _decoy_model():
+    """A real super weight W[11, 20] fed at BOS (input ~513 there), and a decoy input channel 40
+    with a LARGER spike (~800) on the frequent token T whose down_proj column holds 5e-4
+    everywhere: the decoy spikes the input but feeds no output."""
+    model = tiny_model("llama")
+    plant(model, 0, row=11, col=20, trigger=BOS, channel=3, amp=4.0, value=2.0)
+    plant(model, 0, row=11, col=40, trigger=T, channel=6, amp=5.0, value=5e-4)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[:, 40] = 5e-4
+    return model
+
+
+def test_a_larger_input_spike_at_another_token_is_not_paired_with_the_output_spike():
+    """Issue 15 point 3: the output spike (row 11, at BOS) is paired with the input at BOS, not with
+    the largest input anywhere (the decoy channel 40 on T, whose weight into row 11 is 5e-4)."""
+    model = _decoy_model()
+    prompts = bos_windows(4, 48, seed=11)
+    x, y = _down_proj_io(model, 0, prompts)
+    # the planted scene: the decoy's input spike is the larger one, but at T, not at BOS
+    assert float(x[..., 40].abs().max()) > 1.4 * float(x[..., 20].abs().max()) > 500
+    assert float(x[:, 0, 40].abs().max()) < 1 and float(x[:, 1::3, 20].abs().max()) < 1
+    det = detect_super_weights(model, prompts)
+    assert _keys(det) == [(0, 11, 20)] and det.converged and det.rounds == 2
+    c = det.candidates[0]
+    w, p = c.out_position
+    assert p == 0 and c.in_position == c.out_position  # paired at the output spike's token, BOS
+    assert c.col_rule == "input_max"  # at BOS, channel 20 is also the largest input
+    # the contribution |W[11, 20] x[t, 20]| at that token, against the hook's numbers
+    expected = abs(2.0 * float(x[w, 0, 20]))
+    assert c.contribution_abs == pytest.approx(expected, rel=1e-5) and expected > 1000
+    assert c.x_at_token == pytest.approx(float(x[w, 0, 20]), rel=1e-5)
+    assert c.y_at_token == pytest.approx(float(y[w, 0, 11]), rel=1e-5)
+    assert c.contribution == pytest.approx(1.0, abs=1e-3)  # the weight makes the whole spike
+    assert abs(c.y_at_token_after) < 1  # zeroing it removes the spike at its token
+    assert det.rejected == []
+    assert c.spike_in_before == pytest.approx(float(x[..., 20].abs().max()), rel=1e-5)
+
+
+def _five_equal_weights():
+    """Row 11's spike on T made by five equal terms (cols 20..24, weight 0.4, input ~513 each):
+    no single weight makes more than a fifth of it."""
+    model = tiny_model("llama")
+    plant(model, 0, row=11, col=20, value=0.4)
+    for col in range(21, 25):
+        plant(model, 0, row=11, col=col, value=0.4, new_trigger=False, amp=4.0)
+    return model
+
+
+def test_a_weight_whose_removal_leaves_most_of_the_spike_is_rejected_with_its_numbers(tmp_path):
+    model = _five_equal_weights()
+    prompts = windows(4, 48, seed=12)
+    _, y = _down_proj_io(model, 0, prompts)
+    det = detect_super_weights(model, prompts)
+    assert det.candidates == [] and det.converged and det.rounds == 1
+    (r,) = det.rejected
+    assert r.key == (0, 11, 20) and r.round == 0 and r.value == pytest.approx(0.4)
+    assert r.y_at_token == pytest.approx(float(y[..., 11].abs().max()), rel=1e-5) and r.y_at_token > 1000
+    assert r.contribution == pytest.approx(0.2, abs=1e-4)  # a fifth of the spike
+    assert r.y_at_token_after == pytest.approx(0.8 * r.y_at_token, rel=1e-4)
+    assert "removes 0.2 of the spike; min_drop 0.25" in r.rejected
+    # in the result file and the figure, apart from the candidates
+    rep = super_weights_report(det, None, model_id="tiny", hf_id=None, dtype="float32", prompt_source="synthetic")
+    assert rep["candidates"] == []
+    assert [(x["row"], x["col"], x["rejected"]) for x in rep["rejected"]] == [(11, 20, r.rejected)]
+    assert rep["rejected"][0]["contribution"] == r.contribution and rep["thresholds"]["min_drop"] == 0.25
+    json.dumps(rep)
+    crossed = plot_super_weight_spikes(rep, tmp_path / "crossed.png")
+    assert_real_png(crossed)
+    plain = plot_super_weight_spikes({**rep, "rejected": []}, tmp_path / "plain.png")
+    assert crossed.read_bytes() != plain.read_bytes()  # the cross is drawn
+    # a lower bar finds all five, one per round, each the whole of what is left of the spike's share
+    det = detect_super_weights(model, prompts, SuperWeightOptions(min_drop=0.15))
+    assert _keys(det) == [(0, 11, c) for c in range(20, 25)] and [c.round for c in det.candidates] == [0, 1, 2, 3, 4]
+    assert [c.contribution for c in det.candidates] == pytest.approx([1 / 5, 1 / 4, 1 / 3, 1 / 2, 1.0], abs=1e-3)
+    assert [c.col_rule for c in det.candidates] == ["input_max"] + ["largest_contribution"] * 4
+    assert det.rejected == [] and det.rounds == 6 and det.converged
+
+
+def test_an_output_spike_fed_by_an_ordinary_input_is_rejected():
+    """A huge weight (450) times an ordinary input (7.6) also makes y ~ 3400; the paper asks for
+    both to be outliers, so it is not a super weight."""
+    model = tiny_model("llama")
+    plant(model, 0, row=11, col=20, value=450.0, amp=0.5)
+    det = detect_super_weights(model, windows(2, 30, seed=13))
+    (r,) = det.rejected
+    assert det.candidates == [] and r.key == (0, 11, 20) and r.y_at_token > 1000
+    assert abs(r.x_at_token) < 10 and r.threshold_in == 50.0 and r.contribution == pytest.approx(1.0, abs=1e-3)
+    assert r.rejected.startswith("input |x[t, 20]| = ") and "not above the input threshold 50" in r.rejected
+
+
+def _proposal(w: dict, x: dict, y_t: float, opts: SuperWeightOptions = SuperWeightOptions(), found=()):
+    """_propose on hand-made numbers: layer 0's down_proj row 11 holds ``w`` (col -> weight,
+    all else 0), the input at the spike's token (window 0, position 2) holds ``x`` (all else
+    0.01), the output there y[t, 11] = ``y_t`` (all else 0.01; it need not equal W x)."""
+    model = tiny_model("llama")
+    target = _down_proj_refs(model)[0]
+    with torch.no_grad():
+        target[3].param.zero_()
+        for k, v in w.items():
+            target[3].param[11, k] = v
+    xs, ys = torch.full((1, 4, 64), 0.01), torch.full((1, 4, 32), 0.01)
+    for k, v in x.items():
+        xs[0, 2, k] = v
+    ys[0, 2, 11] = y_t
+    lp = _LayerPass()
+    lp(xs, ys, 0)
+    trace = LayerTrace(0, target[1], median_out=[lp.y.median()], median_in=[lp.x.median()])
+    return _propose(target, lp, trace, list(found), 0, opts)
+
+
+def test_the_pairing_and_its_check_on_degenerate_numbers():
+    clean = _proposal({20: 2.0}, {20: 500.0}, 1000.0)
+    assert (clean.key, clean.rejected, clean.col_rule) == ((0, 11, 20), "", "input_max")
+    assert (clean.contribution, clean.contribution_abs, clean.y_at_token_after) == (1.0, 1000.0, 0.0)
+    assert clean.out_position == clean.in_position == (0, 2)
+    # a larger input at the same token whose weight is 5e-4: the term picks the weight that makes the spike
+    decoy = _proposal({20: 2.0, 40: 5e-4}, {20: 500.0, 40: 800.0}, 1000.4)
+    assert decoy.col == 20 and decoy.col_rule == "largest_contribution" and decoy.rejected == ""
+    # removing the largest term flips the spike's sign without shrinking it: rejected
+    flip = _proposal({20: 2.0, 30: -1.0}, {20: 1000.0, 30: 1000.0}, 1000.0)
+    assert flip.col == 20 and flip.contribution == 2.0 and flip.y_at_token_after == -1000.0
+    assert "removes 0 of the spike" in flip.rejected
+    # the bar is inclusive: exactly a quarter passes, a fifth does not
+    assert _proposal({20: 1.0}, {20: 250.0}, 1000.0).rejected == ""
+    assert _proposal({20: 1.0}, {20: 200.0}, 1000.0).rejected != ""
+    # ties: the lowest channel; once it is found, the next equal one
+    tie = _proposal({20: 1.0, 21: 1.0}, {20: 500.0, 21: 500.0}, 1000.0)
+    assert (tie.col, tie.contribution, tie.rejected) == (20, 0.5, "")
+    assert _proposal({20: 1.0, 21: 1.0}, {20: 500.0, 21: 500.0}, 1000.0, found=[tie]).col == 21
+    # NaN input is never the source; a non-finite spike cannot be attributed
+    assert _proposal({20: 2.0, 25: 1.0}, {20: 500.0, 25: math.nan}, 1000.0).col == 20
+    inf = _proposal({20: 2.0}, {20: 500.0}, math.inf)
+    assert inf.col == 20
+    assert inf.rejected == "the output spike y[t, 11] = inf is not finite: its share cannot be measured"
+    # a row of zeros: nothing feeds the spike
+    assert _proposal({}, {20: 500.0}, 1000.0).rejected.startswith("no input channel feeds y[t, 11]: every term")
+    # no output spike: no proposal
+    assert _proposal({20: 2.0}, {20: 500.0}, 40.0) is None
+    with pytest.raises(ValueError, match=r"^super-weight option min_drop=1.5; allowed: a number in \[0, 1\]$"):
+        SuperWeightOptions(min_drop=1.5)
 
 
 # ----------------------------------------------------------------------------- the causal test

@@ -43,6 +43,9 @@ def test_the_command_finds_the_planted_weight_tests_it_and_ranks_it(planted, tmp
     c = report["candidates"][0]
     assert c["value"] == 4.0 and c["round"] == 0 and c["dtype"] == "float32"
     assert c["spike_out_before"] > 1000 and c["spike_out_after"] < 50  # gone once zeroed
+    # paired at the output spike's token, where the weight makes the whole spike; nothing rejected
+    assert c["in_position"] == c["out_position"] and report["rejected"] == []
+    assert c["contribution_abs"] == pytest.approx(abs(c["y_at_token"]), rel=1e-3) and c["contribution_abs"] > 1000
     # measured: zeroed x346, random x1.00005, restored x2.5 (84% of the damage recovered)
     assert c["ratio_zeroed"] > 100 and abs(c["ratio_random"] - 1) < 0.01 and c["recovered_fraction"] > 0.5
     assert c["ranks"]["magnitude"]["0"]["per_tensor"] == 1 and c["ranks"]["magnitude"]["1"]["per_tensor"] == 1
