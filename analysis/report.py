@@ -263,6 +263,19 @@ def location_page(a: dict) -> Figure:
     return fig
 
 
+def _published_line(p: dict) -> str:
+    """One super-weight report's comparison with the registry: its published coordinates found
+    and missed, and apart from them, those another study reported (never counted as published)."""
+    n = {k: len(p.get(k) or []) for k in ("found", "missed", "new")}
+    line = (f"published coordinates of {p.get('hf_id')}: {n['found']} found, {n['missed']} missed; "
+            if p.get("has_published", True) else f"{p.get('hf_id')} has no published coordinates; ")
+    line += f"{n['new']} candidates not published"
+    rep = {k: len((p.get("reported_by") or {}).get(k) or []) for k in ("found", "missed")}
+    if rep["found"] or rep["missed"]:
+        line += f"; reported by another study only: {rep['found']} found, {rep['missed']} missed"
+    return line
+
+
 def recurring_page(a: dict) -> Figure:
     lines = a["recurring"]["lines"]
     fig, (t, b) = _page("Recurring coordinates and super weights", _table_share(len(lines)))
@@ -284,10 +297,7 @@ def recurring_page(a: dict) -> Figure:
         txt.append(f"  {c['model_name']} [{c['protocol']}] layer {c['layer']} {c['module']} [{c['row']}, {c['col']}] "
                    f"value {_fmt(c['value'])}, zeroed ratio {_fmt(c['ratio_zeroed'])} (random {_fmt(c['ratio_random'])}); "
                    f"in top-K of the same protocol: {tops or '-'}")
-    for p in a["super_weights"]["published"]:
-        n = {k: len(p.get(k) or []) for k in ("found", "missed", "new")}
-        txt.append(f"  published coordinates of {p.get('hf_id')}: {n['found']} found, {n['missed']} missed; "
-                   f"{n['new']} candidates not published")
+    txt += [f"  {_published_line(p)}" for p in a["super_weights"]["published"]]
     _text(b, txt, size=7)
     return fig
 

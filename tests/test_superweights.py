@@ -16,6 +16,7 @@ from cwa_core.selection import ScoreCollector
 from cwa_core.superweight_plots import plot_super_weight_spikes
 from cwa_core.superweights import (
     CONVENTION,
+    STATUSES,
     CandidateRanks,
     Coordinate,
     LayerTrace,
@@ -30,6 +31,7 @@ from cwa_core.superweights import (
     known_super_weights,
     match_published,
     published_coordinates,
+    registry_entries,
     super_weights_report,
 )
 from conftest import STORIES, TINYSTORIES
@@ -608,27 +610,102 @@ def test_rank_sink_nan_and_ties_on_a_hand_made_tensor():
 # ----------------------------------------------------------------------------- published coordinates
 
 
-LLAMA31 = "meta-llama/Llama-3.1-8B"
+LLAMA3 = "meta-llama/Meta-Llama-3-8B"
+
+# Transcribed for this test from the sources themselves, not from the registry:
+# Yu et al., arXiv:2411.07191v1, Table 2 "Super Weight Directory" (p. 4), (layer, row, col) per model row
+TABLE2 = {
+    "huggyllama/llama-7b": {(2, 3968, 7003)},
+    "huggyllama/llama-13b": {(2, 2231, 2278), (2, 2231, 6939)},
+    "huggyllama/llama-30b": {(3, 5633, 12817), (3, 5633, 17439), (10, 5633, 14386)},
+    "meta-llama/Llama-2-7b-hf": {(1, 2533, 7890)},
+    "meta-llama/Llama-2-13b-hf": {(3, 4743, 7678)},
+    "mistralai/Mistral-7B-v0.1": {(1, 2070, 7310)},
+    "allenai/OLMo-1B-0724-hf": {(1, 1764, 1710), (1, 1764, 8041)},
+    "allenai/OLMo-7B-0724-hf": {(1, 269, 7467), (2, 269, 8275), (7, 269, 453), (24, 269, 2300)},
+    "microsoft/Phi-3-mini-4k-instruct": {(2, 525, 808), (2, 1693, 808), (2, 1113, 808), (4, 525, 2723),
+                                         (4, 1113, 2723), (4, 1693, 2723)},
+}
+# github.com/mengxiayu/LLMSuperWeight analyze.py record_SO() SUPER_WEIGHTS_MAP (stored fork cyita/LLMSuperWeight,
+# commit ae1904db), keyed there by "Mistral-7B-v0.1", "llama-7B", ..., "Phi-3-mini-4k-instruct"
+CODE_MAP = {
+    "mistralai/Mistral-7B-v0.1": {(1, 2070, 7310)},
+    "huggyllama/llama-7b": {(2, 3968, 7003)},
+    "huggyllama/llama-13b": {(2, 2231, 2278), (2, 2231, 6939)},
+    "huggyllama/llama-30b": {(3, 5633, 12817), (3, 5633, 17439), (10, 5633, 14386)},
+    "meta-llama/Meta-Llama-3-8B": {(1, 788, 2427), (1, 1384, 2427), (1, 4062, 2427)},
+    "allenai/OLMo-1B-0724-hf": {(1, 1764, 1710), (2, 1764, 8041)},
+    "allenai/OLMo-7B-0724-hf": {(1, 269, 7467), (2, 269, 8275), (7, 269, 453), (24, 269, 2300)},
+    "microsoft/Phi-3-mini-4k-instruct": {(2, 525, 808), (2, 1693, 808), (2, 1113, 808), (4, 525, 2723),
+                                         (4, 1113, 2723), (4, 1693, 2723)},
+}
+# Yu et al. section 3.1: the instruction-tuned Mistral-7B-Instruct-v0.1 and Llama2-7B-chat keep the base coordinates
+SECTION_3_1 = {"mistralai/Mistral-7B-Instruct-v0.1": {(1, 2070, 7310)},
+               "meta-llama/Llama-2-7b-chat-hf": {(1, 2533, 7890)}}
+# Su et al., arXiv:2507.23279v3, Appendix H Table 8 (another study: reported_by, never published)
+SU_TABLE8 = {"liuhaotian/llava-v1.5-7b": {(1, 1415, 7890), (1, 2533, 7890)},
+             "meta-llama/Llama-3.2-1B": {(1, 400, 1417), (1, 698, 1417), (1, 2029, 1417), (1, 1159, 1417)}}
 
 
-def test_published_table_is_well_formed_and_matched_exactly():
+def test_every_registry_entry_has_a_status_and_a_source_of_that_status():
     table = known_super_weights()
-    assert "2411.07191" in table["source"]["paper"]
-    assert len(table["models"]) == 10
-    assert table["models"][LLAMA31]["coordinates"] == [[1, 788, 2427], [1, 1384, 2427], [1, 4062, 2427]]
-    assert table["models"]["huggyllama/llama-30b"]["coordinates"][2] == [10, 5633, 14386]
-    assert len(table["models"]["microsoft/Phi-3-mini-4k-instruct"]["coordinates"]) == 6
-    for coords in (m["coordinates"] for m in table["models"].values()):
-        assert all(len(c) == 3 and all(isinstance(v, int) and v >= 0 for v in c) for c in coords)
-    assert [c.key for c in published_coordinates("llama", "meta-llama/Meta-Llama-3.1-8B")] == \
-        [(1, 788, 2427), (1, 1384, 2427), (1, 4062, 2427)]
-    for other in (None, "meta-llama/Llama-3.1-8B-Instruct", "llama", "meta-llama/llama-3.1-8b", "x/" + LLAMA31):
-        assert published_coordinates("llama", other) == []
+    assert set(table["statuses"]) == set(STATUSES) == {"published", "reported_by"}
+    for sid, src in table["sources"].items():
+        assert src["status"] in STATUSES and all(src[k].strip() for k in ("cite", "where", "read_from")), sid
+    for hf_id, model in table["models"].items():
+        coords = [tuple(e["coordinate"]) for e in model["entries"]]
+        assert coords and len(set(coords)) == len(coords), hf_id  # each coordinate once per model
+        for e in model["entries"]:
+            assert e["status"] in STATUSES and e["sources"], (hf_id, e)
+            assert all(len(e["coordinate"]) == 3 and isinstance(v, int) and v >= 0 for v in e["coordinate"])
+            for s in e["sources"]:
+                assert s["at"].strip() and table["sources"][s["id"]]["status"] == e["status"], (hf_id, e)
+    # the registry holds exactly what its sources say, each coordinate citing each source that has it
+    expected: dict[str, dict[tuple, set]] = {}
+    for sid, source in (("yu2024_table2", TABLE2), ("yu2024_code", CODE_MAP), ("yu2024_sec3_1", SECTION_3_1),
+                        ("su2025_table8", SU_TABLE8)):
+        for hf_id, coords in source.items():
+            for k in coords:
+                expected.setdefault(hf_id, {}).setdefault(k, set()).add(sid)
+    got = {hf_id: {tuple(e["coordinate"]): {s["id"] for s in e["sources"]} for e in m["entries"]}
+           for hf_id, m in table["models"].items()}
+    assert got == expected
+    assert table["aliases"] == {}
+
+
+def test_only_published_entries_count_as_published():
+    pub = lambda hf_id: [c.key for c in published_coordinates("llama", hf_id)]  # noqa: E731
+    assert pub("meta-llama/Llama-2-7b-hf") == [(1, 2533, 7890)]  # (1, 1415, 7890) is Su et al.'s, for LLaVA
+    assert pub("meta-llama/Llama-2-13b-hf") == [(3, 4743, 7678)]
+    assert pub("meta-llama/Llama-3.2-1B") == []  # reported by another study only
+    assert [c.key for c in published_coordinates("llama", "meta-llama/Llama-3.2-1B", "reported_by")] == \
+        [(1, 400, 1417), (1, 698, 1417), (1, 2029, 1417), (1, 1159, 1417)]
+    with pytest.raises(ValueError, match="status 'paper'; allowed: published, reported_by"):
+        published_coordinates("llama", LLAMA3, "paper")
+    # Llama-3.1-8B had the Llama-3-8B coordinates, backed by this tool's own ranking: no source, not listed
+    for other in (None, "meta-llama/Llama-3.1-8B", "meta-llama/Meta-Llama-3.1-8B",
+                  "meta-llama/Meta-Llama-3-8B-Instruct", "llama", "meta-llama/meta-llama-3-8b", "x/" + LLAMA3):
+        assert published_coordinates("llama", other) == [] and registry_entries(other) == []
         assert match_published(other, [], shapes={}) is None
+    # a reported coordinate detected: found among reported_by, still new against the published ones
+    m = "model.layers.1.mlp.down_proj"
+    got = match_published("meta-llama/Llama-3.2-1B", [Coordinate(1, 400, 1417, m), Coordinate(0, 5, 6, m)],
+                          shapes={0: (2048, 8192), 1: (2048, 8192)})
+    assert got["has_published"] is False and (got["found"], got["missed"], got["outside_shape"]) == ([], [], [])
+    assert got["new"] == [{"layer": 1, "row": 400, "col": 1417}, {"layer": 0, "row": 5, "col": 6}]
+    assert got["reported_by"]["found"] == [{"layer": 1, "row": 400, "col": 1417}]
+    assert len(got["reported_by"]["missed"]) == 3 and set(got["sources"]) == {"su2025_table8"}
+    assert {r["status"] for r in got["ranks"]} == {"reported_by"} and len(got["ranks"]) == 4
+    # OLMo-1B: the paper (layer 1) and the code (layer 2) disagree; both are published, one is always missed
+    olmo = match_published("allenai/OLMo-1B-0724-hf", [Coordinate(1, 1764, 1710, m), Coordinate(2, 1764, 8041, m)],
+                           shapes={1: (2048, 8192), 2: (2048, 8192)})
+    assert olmo["missed"] == [{"layer": 1, "row": 1764, "col": 8041}] and olmo["new"] == []
+    assert olmo["has_published"] and olmo["reported_by"] == {"found": [], "missed": [], "outside_shape": []}
+    assert set(olmo["sources"]) == {"yu2024_table2", "yu2024_code"} and "disagree" in olmo["note"]
 
 
 def test_published_matching_on_a_saved_model_under_a_listed_id(tmp_path):
-    """A small Llama saved to disk, its hub id given as meta-llama/Llama-3.1-8B: planted at the
+    """A small Llama saved to disk, its hub id given as meta-llama/Meta-Llama-3-8B: planted at the
     published (1, 788, 2427), not at (1, 1384, 2427); 4062 lies outside its 1400 rows; and a new
     one in layer 0."""
     cfg = tiny_config("llama", hidden_size=1400, intermediate_size=2428, num_attention_heads=1,
@@ -641,23 +718,41 @@ def test_published_matching_on_a_saved_model_under_a_listed_id(tmp_path):
     det = detect_super_weights(model, windows(1, 24, seed=1, triggers=(T, 9)).clamp(max=31))
     assert sorted(_keys(det)) == [(0, 50, 60), (1, 788, 2427)]
     refs = scored_params(model)
-    ranks = CandidateRanks(refs, det.candidates, extra=published_coordinates(model, LLAMA31))
+    ranks = CandidateRanks(refs, det.candidates, extra=published_coordinates(model, LLAMA3))
     score(model, refs, "magnitude", None, ranks)
-    pub = match_published(LLAMA31, det.candidates, {"magnitude": {0: ranks}}, shapes=down_proj_shapes(model))
+    pub = match_published(LLAMA3, det.candidates, {"magnitude": {0: ranks}}, shapes=down_proj_shapes(model))
     assert pub["found"] == [{"layer": 1, "row": 788, "col": 2427}]
     assert pub["missed"] == [{"layer": 1, "row": 1384, "col": 2427}]
     assert pub["outside_shape"] == [{"layer": 1, "row": 4062, "col": 2427}]
     assert pub["new"] == [{"layer": 0, "row": 50, "col": 60}]
-    assert "2411.07191" in pub["source"]["paper"] and pub["listed_as"] == LLAMA31
+    assert pub["listed_as"] == LLAMA3 and pub["has_published"] and set(pub["sources"]) == {"yu2024_code"}
+    assert "2411.07191" in pub["sources"]["yu2024_code"]["cite"] and "not list Llama-3-8B" in pub["note"]
+    assert [e["sources"][0]["at"] for e in pub["entries"]][0] == "SUPER_WEIGHTS_MAP['Meta-Llama-3-8B'][0]"
     r = {(e["layer"], e["row"], e["col"]): e["ranks"]["magnitude"]["0"] for e in pub["ranks"]}
     assert set(r) == {(1, 788, 2427), (1, 1384, 2427)}
     assert r[(1, 788, 2427)]["per_tensor"] == 1  # the planted weight is its tensor's largest
     assert r[(1, 1384, 2427)]["per_tensor"] > 1000  # an ordinary weight
-    report = super_weights_report(det, None, model_id=str(tmp_path / "local-copy"), hf_id=LLAMA31, dtype="float32",
+    report = super_weights_report(det, None, model_id=str(tmp_path / "local-copy"), hf_id=LLAMA3, dtype="float32",
                                   prompt_source="test", published=pub)
-    assert report["published"]["found"] == pub["found"]
+    assert report["published"]["found"] == pub["found"] and report["rejected"] == []
+    json.dumps(report)
     other = match_published("meta-llama/Llama-2-7b-hf", det.candidates, shapes=down_proj_shapes(model))
-    assert other["found"] == [] and other["missed"] == [] and len(other["outside_shape"]) == 2  # col 7890 > 2427
+    assert other["found"] == [] and other["missed"] == [] and len(other["outside_shape"]) == 1  # col 7890 > 2427
+
+
+
+def test_the_report_keeps_reported_coordinates_apart_from_published_ones():
+    from analysis.report import _published_line
+
+    m = "model.layers.1.mlp.down_proj"
+    llama32 = match_published("meta-llama/Llama-3.2-1B", [Coordinate(1, 400, 1417, m)], shapes={1: (2048, 8192)})
+    assert _published_line(llama32) == ("meta-llama/Llama-3.2-1B has no published coordinates; 1 candidates not "
+                                        "published; reported by another study only: 1 found, 3 missed")
+    mistral = match_published("mistralai/Mistral-7B-v0.1", [Coordinate(1, 2070, 7310, m)], shapes={1: (4096, 14336)})
+    assert _published_line(mistral) == ("published coordinates of mistralai/Mistral-7B-v0.1: 1 found, 0 missed; "
+                                        "0 candidates not published")
+    older = {"hf_id": "x/y", "found": [{"layer": 1}], "missed": [], "new": []}  # a file written before the statuses
+    assert _published_line(older) == "published coordinates of x/y: 1 found, 0 missed; 0 candidates not published"
 
 
 # ----------------------------------------------------------------------------- report and figure
