@@ -202,7 +202,8 @@ def location(rs: ResultSet, opts: WeightOptions) -> tuple[list[dict], list[dict]
             a, b = per[(ka, axis)], per[(kb, axis)]
             t = {**{c: v for c, v in zip([c for c in SCORING if c != "model"], rest)}, "axis": axis,
                  "model_a": key_dict(SCORING, ka)["model"], "model_b": key_dict(SCORING, kb)["model"],
-                 "model_name_a": a["model_name"], "model_name_b": b["model_name"], "cells": cells_list(a["cells"] + b["cells"])}
+                 "model_name_a": a["model_name"], "model_name_b": b["model_name"],
+                 "cells": cells_list(a["cells"] + b["cells"])}
             if t["mode"] == "per_layer":
                 t.update(p_value=None, note=PER_LAYER_NOTE)
             else:
