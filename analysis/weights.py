@@ -197,7 +197,8 @@ def location(rs: ResultSet, opts: WeightOptions) -> tuple[list[dict], list[dict]
         kd = key_dict(SCORING, key)
         pairs.setdefault((*(kd[c] for c in SCORING if c != "model"), axis), []).append(key)
     tests = []
-    for (*rest, axis), keys in sorted(pairs.items(), key=lambda x: str(x[0])):
+    for (*rest, axis), keys in sorted(pairs.items(), key=lambda x: tuple(v if isinstance(v, int) else str(v)
+                                                                          for v in x[0])):  # K in numeric order
         for ka, kb in combinations(sorted(keys, key=str), 2):
             a, b = per[(ka, axis)], per[(kb, axis)]
             t = {**{c: v for c, v in zip([c for c in SCORING if c != "model"], rest)}, "axis": axis,
