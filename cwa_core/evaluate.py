@@ -19,6 +19,10 @@ class Perplexity:
     n_tokens: int  # predictions scored
     n_windows: int
     window_length: int
+    # (n_windows,) summed next-token NLL of each window (float32 per-token losses summed in float64),
+    # each over window_length - 1 predictions: the spread of the evaluation text (analysis/ bootstraps
+    # windows). Computed beside the total above, never instead of it: ``nll`` stays bit for bit.
+    window_nll: tuple[float, ...] | None = None
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -38,6 +42,16 @@ def nll_sum(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     )
 
 
+def window_nll_sums(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Summed next-token NLL of each window: (B, L, V), (B, L) -> (B,) float64, from float32
+    per-token losses (the same losses :func:`nll_sum` adds up, summed per row in float64)."""
+    b, _, v = logits.shape
+    per_token = F.cross_entropy(
+        logits[:, :-1].reshape(-1, v).float(), input_ids[:, 1:].reshape(-1), reduction="none"
+    )
+    return per_token.view(b, -1).double().sum(dim=1)
+
+
 @torch.no_grad()
 def perplexity(
     model: nn.Module,
@@ -47,18 +61,23 @@ def perplexity(
     progress: bool = False,
     desc: str = "perplexity",
 ) -> Perplexity:
-    """Score every next-token prediction of ``windows`` (N, L); one device sync at the end."""
+    """Score every next-token prediction of ``windows`` (N, L); one device sync at the end.
+    The total (hence ``ppl``) is the sum of per-batch float32 sums in float64, as ever; the
+    per-window sums (``window_nll``) are computed beside it."""
     if windows.dim() != 2 or windows.shape[1] < 2:
         raise ValueError(f"windows must be (N, L>=2), got {tuple(windows.shape)}")
     device = model_device(model)
     total = torch.zeros((), dtype=torch.float64, device=device)
     n, length = windows.shape
+    per_window = torch.zeros(n, dtype=torch.float64, device=device)  # (N,)
     for s in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, leave=False, unit="batch"):
         ids = windows[s : s + batch_size].to(device, non_blocking=True)
-        total += nll_sum(logits_of(model, ids), ids).double()
+        logits = logits_of(model, ids)
+        total += nll_sum(logits, ids).double()
+        per_window[s : s + ids.shape[0]] = window_nll_sums(logits, ids)
     n_tokens = n * (length - 1)
     nll = total.item() / n_tokens
-    return Perplexity(ppl_of_nll(nll), nll, n_tokens, n, length)
+    return Perplexity(ppl_of_nll(nll), nll, n_tokens, n, length, tuple(per_window.tolist()))
 
 
 def ppl_of_nll(nll: float) -> float:

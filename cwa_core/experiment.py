@@ -31,6 +31,7 @@ from .superweights import CandidateRanks, Coordinate, RankTable, add_ranks, supe
 log = logging.getLogger(__name__)
 
 STABILITY_SAMPLE_SEED = 20240917  # fixed: the same weights are compared across seeds
+WINDOW_NLL_FILE = "window_nll.parquet"  # per evaluation window NLL sums, beside perturbation_results.json
 
 
 class DataError(ConfigError):
@@ -141,7 +142,7 @@ def evaluate_selection(model: nn.Module, refs: Sequence[ParamRef], sel: Selectio
     return {"selection": sel.kind, "seed": seed, "k": sel.k, "mode": sel.mode, "n_weights": n,
             "bit": flipped_bit(refs, sel, spec),
             "ppl": ppl.ppl, "ppl_ratio": None if baseline is None else ppl.ppl / baseline.ppl, "nll": ppl.nll,
-            "ppl_status": finite_status(ppl.ppl)}
+            "ppl_status": finite_status(ppl.ppl), "window_nll": ppl.window_nll}
 
 
 def stability_report(scores: Sequence[SeedScores], *, k: int, mode: str, offsets: torch.Tensor) -> dict:
@@ -188,7 +189,11 @@ class ExperimentResult:
             "eval_tokens": self.baseline.n_tokens, "baseline": {"ppl": self.baseline.ppl, "nll": self.baseline.nll},
             "perturbation": {"method": spec.method, "scale": spec.scale, "bit": spec.bit},
             "metric": c.metric, "topk": c.topk, "mode": c.mode, "protocol": self.data.get("protocol"),
-            "results": self.results,
+            # the analysis cannot ask the metric registry (it never imports torch): the fact travels here
+            "data_independent": METRICS.get(c.metric).data_independent,
+            # per-window NLL sums (baseline and every row) live in a table beside this file
+            "window_nll": WINDOW_NLL_FILE if self.baseline.window_nll is not None else None,
+            "results": [{k: v for k, v in r.items() if k != "window_nll"} for r in self.results],
         }
 
 

@@ -22,7 +22,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from .experiment import ExperimentResult, SeedScores
+from .experiment import WINDOW_NLL_FILE, ExperimentResult, SeedScores
 from .selection import TensorStats
 
 PACKAGES = ("torch", "transformers", "numpy", "scipy", "tokenizers", "safetensors", "ray", "mlflow", "cwa")
@@ -231,6 +231,30 @@ def score_sample_table(seed_scores: Sequence[SeedScores], tensors: Sequence[dict
     return {k: np.concatenate(v) if v else np.array([]) for k, v in parts.items()}
 
 
+def window_nll_table(result: ExperimentResult) -> dict | None:
+    """Per evaluation window the summed NLL (nats) and its predictions, for the baseline
+    (selection "baseline", seed -1) and every evaluated selection and seed: the rows of
+    ``window_nll.parquet`` (None when the perplexities carry no per-window sums)."""
+    base = result.baseline.window_nll
+    if base is None:
+        return None
+    tokens = result.baseline.window_length - 1
+    parts = [("baseline", -1, base)] + [(r["selection"], r["seed"], r.get("window_nll")) for r in result.results]
+    cols: dict[str, list] = {"selection": [], "seed": [], "window": [], "nll": [], "tokens": []}
+    for sel, seed, nll in parts:
+        if nll is None or len(nll) != len(base):
+            raise ValueError(f"window_nll: {sel} seed {seed} has {None if nll is None else len(nll)} windows, "
+                             f"the baseline {len(base)}")
+        cols["selection"] += [sel] * len(nll)
+        cols["seed"] += [int(seed)] * len(nll)
+        cols["window"] += list(range(len(nll)))
+        cols["nll"] += [float(x) for x in nll]  # +inf / NaN kept as such (Parquet holds them)
+        cols["tokens"] += [tokens] * len(nll)
+    return {"selection": cols["selection"], "seed": np.array(cols["seed"], dtype=np.int64),
+            "window": np.array(cols["window"], dtype=np.int64), "nll": np.array(cols["nll"], dtype=np.float64),
+            "tokens": np.array(cols["tokens"], dtype=np.int64)}
+
+
 def write_experiment(out_dir: str | Path, result: ExperimentResult, *, model_info: dict | None,
                      device: str, dtype: str, started: float, extra_timings: dict | None = None) -> dict:
     """Write every file of one experiment into ``out_dir``; returns the manifest.
@@ -253,6 +277,10 @@ def write_experiment(out_dir: str | Path, result: ExperimentResult, *, model_inf
     files += ["top_weights.csv", "top_weights.parquet", "score_sample.parquet"]
     stats = {"metric": cfg.metric, "per_seed": [stats_report(ss) for ss in result.seed_scores]}
     put_json("sensitivity_stats.json", stats)
+    windows = window_nll_table(result)
+    if windows is not None:
+        write_parquet(out / WINDOW_NLL_FILE, windows)
+        files.append(WINDOW_NLL_FILE)
     perturbation = result.perturbation_report()
     put_json("perturbation_results.json", perturbation)
     if result.stability is not None:

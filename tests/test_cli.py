@@ -29,7 +29,7 @@ def test_documented_command_writes_every_file(done_when_run):
     out = done_when_run
     manifest = json.loads((out / "manifest.json").read_text())
     want = ["top_weights.csv", "top_weights.parquet", "score_sample.parquet", "sensitivity_stats.json",
-            "perturbation_results.json", "stability.json",
+            "perturbation_results.json", "window_nll.parquet", "stability.json",
             "plots/sensitivity_distribution.png", "plots/layer_comparison.png", "plots/sensitivity_heatmap.png",
             "plots/perturbation_effects.png", "plots/stability_analysis.png", "manifest.json"]
     assert sorted(manifest["files"]) == sorted(want)

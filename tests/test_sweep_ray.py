@@ -5,6 +5,7 @@ import ipaddress
 import json
 import shutil
 
+import pandas as pd
 import psutil
 import pytest
 import torch
@@ -66,6 +67,10 @@ def test_sweep_numbers_equal_the_single_command(sweep_run, metric, topk, perturb
     single = json.loads((tmp_path / "single" / "perturbation_results.json").read_text())
     swept = json.loads((tmp / "out" / cell.id / "perturbation_results.json").read_text())
     assert single["baseline"] == swept["baseline"]
+    assert single["data_independent"] == swept["data_independent"] == (metric == "magnitude")
+    windows = [pd.read_parquet(d / "window_nll.parquet") for d in (tmp_path / "single", tmp / "out" / cell.id)]
+    pd.testing.assert_frame_equal(windows[0], windows[1], check_exact=True)  # per-window sums, bit for bit
+    assert len(windows[0]) == 12 * (1 + 3 * 3)
     assert [(r["selection"], r["seed"], r["ppl"], r["ppl_ratio"]) for r in single["results"]] == \
            [(r["selection"], r["seed"], r["ppl"], r["ppl_ratio"]) for r in swept["results"]]
     assert (tmp_path / "single" / "top_weights.csv").read_text() == (tmp / "out" / cell.id / "top_weights.csv").read_text()
