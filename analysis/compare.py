@@ -1,19 +1,41 @@
-"""Perplexity damage compared across selections, K and seeds: ratio summaries with bootstrap
-intervals, the paired test of top-K against each control, dose-response and critical K,
-and top-K stability across seeds."""
+"""Perplexity damage compared across selections, K and seeds: ratio summaries with intervals
+of known coverage (t on log ratios over seeds; the evaluation windows' bootstrap where seeds
+carry no spread), the paired test of top-K against each control with Holm's adjustment over
+a report's tests, dose-response and critical K, and top-K stability across seeds."""
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
 from .common import GROUP, SCORING, cells_list, key_dict
-from .stats import bootstrap_mean, critical_k, jaccard_sorted, loglog_at, paired_test, spread
+from .stats import (FEW_SEEDS, critical_k, holm, jaccard_sorted, loglog_at, paired_test, seed_interval, spread,
+                    window_bootstrap)
+
+log = logging.getLogger(__name__)
+INTERVALS = {
+    "t": "t interval on log ratios over seeds: the geometric mean ratio exp(mean log r -+ t(n-1) sd / sqrt(n)); "
+         "its coverage is the stated level when log ratios are normal (a simulation at n = 3 gives 95%, where the "
+         "percentile bootstrap over 3 seeds, i.e. [min, max], gives 74%)",
+    "windows": "paired percentile bootstrap over the evaluation windows (the same windows resampled for the "
+               "baseline and the perturbed model): used where seeds carry no spread (every seed gives the same ratio, "
+               "as a data-independent metric's top-K and bottom-K do, or one seed of such a metric)",
+    "order": "an infinite ratio among the seeds: [smallest seed, inf], below the median with probability 1 - 0.5^n",
+    "zero": "no spread over seeds and no per-window numbers (older folders): a zero-width interval",
+    "none": "one seed: no interval",
+    "few_seeds": f"rows with fewer than {FEW_SEEDS} seeds carry a warning: the interval over seeds is wide and rests "
+                 "on log ratios being normal",
+}
+HOLM = ("Holm (1979) step-down adjustment over every test of this report that gives a p-value (the paired tests, "
+        "the location goodness-of-fit tests and the location comparisons between models, together; the per-group "
+        "enrichment tests, descriptive, are not in the family): p_holm < alpha controls the family-wise error at alpha")
 
 @dataclass(frozen=True)
 class CompareOptions:
-    n_boot: int = 10_000  # bootstrap resamples
+    n_boot: int = 10_000  # window-bootstrap resamples (intervals where seeds carry no spread)
     boot_seed: int = 0  # the bootstrap's random seed (results are reproducible)
     level: float = 0.95
     alpha: float = 0.05
@@ -25,7 +47,9 @@ def tagged_results(results: pd.DataFrame, cells: pd.DataFrame, warnings: list[st
     (the same cell read from two folders) is kept once, and said so."""
     if results.empty:
         return results
-    r = results.drop(columns=["k"], errors="ignore").merge(cells[["cell", *GROUP, "model_name"]], on="cell", how="inner")
+    extra = ["data_independent"] if "data_independent" in cells else []
+    r = results.drop(columns=["k"], errors="ignore").merge(cells[["cell", *GROUP, "model_name", *extra]], on="cell",
+                                                           how="inner")
     dup = r.duplicated([*GROUP, "selection", "seed"], keep="first")
     if dup.any():
         for row in r[dup].itertuples():
@@ -35,27 +59,78 @@ def tagged_results(results: pd.DataFrame, cells: pd.DataFrame, warnings: list[st
     return r.sort_values([*GROUP, "selection", "seed"], kind="stable").reset_index(drop=True)
 
 
-def ratio_summary(r: pd.DataFrame, opts: CompareOptions) -> list[dict]:
-    """Per group and selection: mean and geometric mean ratio over seeds with bootstrap
-    intervals; infinite ratios count as +inf, missing (NaN) ones are listed and left out."""
+def _window_sums(windows: pd.DataFrame | None) -> dict[tuple, tuple[np.ndarray, np.ndarray]]:
+    """(cell, selection, seed) -> ((W,) summed NLL, (W,) predictions) in window order."""
+    if windows is None or windows.empty:
+        return {}
+    w = windows.sort_values(["cell", "selection", "seed", "window"], kind="stable")
+    return {(c, sel, int(seed)): (g["nll"].to_numpy(dtype=float), g["tokens"].to_numpy(dtype=float))
+            for (c, sel, seed), g in w.groupby(["cell", "selection", "seed"], sort=False)}
+
+
+def _window_interval(g: pd.DataFrame, win: dict, opts: CompareOptions) -> dict | None:
+    """The window bootstrap of the group's first seed (its seeds repeat one measurement)."""
+    x = g.iloc[0]
+    base, pert = win.get((x["cell"], "baseline", -1)), win.get((x["cell"], x["selection"], int(x["seed"])))
+    if base is None or pert is None or base[0].size != pert[0].size:
+        return None
+    wb = window_bootstrap(base[0], pert[0], base[1], n_boot=opts.n_boot, seed=opts.boot_seed, level=opts.level)
+    return wb if wb["lo"] is not None else None
+
+
+def _interval(g: pd.DataFrame, v: np.ndarray, seedless: bool, win: dict, opts: CompareOptions) -> dict:
+    """The row's interval: over seeds (:func:`seed_interval`), or over evaluation windows where
+    the seeds carry no spread (equal ratios, or one seed of a measurement that does not depend
+    on the seed: ``seedless``)."""
+    iv = seed_interval(v, level=opts.level)
+    out = {"geomean": iv["geomean"], "ci": [iv["lo"], iv["hi"]], "interval": iv["method"], "interval_code": iv["code"],
+           "interval_coverage": iv["coverage"], "warning": iv["warning"], "note": iv["note"], "window_bootstrap": None}
+    if not (iv["no_spread"] or (iv["n"] == 1 and seedless)):
+        return out
+    wb = _window_interval(g, win, opts)
+    why = "every seed gives the same ratio" if iv["no_spread"] else "one seed of a seed-independent measurement"
+    if wb is None:
+        out["note"] = (f"{why}; no per-window numbers (window_nll.parquet; older folders lack it) to give the "
+                       "spread of the evaluation text" + (": the interval has zero width" if iv["no_spread"] else ""))
+        return out
+    out.update(ci=[wb["lo"], wb["hi"]], interval=wb["method"], interval_code="windows", interval_coverage=None,
+               warning=None, window_bootstrap={k: wb[k] for k in ("ratio", "n_windows", "n_boot", "seed", "lo", "hi")},
+               note=f"{why}: the interval is the evaluation windows' spread (seed {int(g.iloc[0]['seed'])}, "
+                    f"cell {g.iloc[0]['cell']})")
+    return out
+
+
+def ratio_summary(r: pd.DataFrame, opts: CompareOptions, windows: pd.DataFrame | None = None) -> list[dict]:
+    """Per group and selection: mean and geometric mean ratio over seeds, and an interval of
+    the geometric mean with a stated method (``interval``, ``interval_code``: t, windows,
+    order, zero or none); infinite ratios count as +inf, missing (NaN) ones are listed and left
+    out. ``windows``: per-window NLL sums (:attr:`ResultSet.windows`) for the window bootstrap."""
     out = []
     if r.empty:
         return out
+    win = _window_sums(windows)
     for key, g in r.groupby([*GROUP, "selection"], sort=True, dropna=False):
         v = g["ratio"].to_numpy(dtype=float)
         ok = ~np.isnan(v)
+        indep = bool(g["data_independent"].fillna(False).astype(bool).any()) if "data_independent" in g else False
         row = {**key_dict([*GROUP, "selection"], key), "model_name": g["model_name"].iloc[0],
                "seeds": [int(s) for s in g["seed"]], "n_seeds": int(ok.sum()), "n_inf": int(np.isinf(v).sum()),
+               "data_independent": indep,
                "missing": [{"cell": c, "seed": int(s), "ppl_status": st} for c, s, st, m in
                            zip(g["cell"], g["seed"], g["ppl_status"], ~ok) if m]}
-        arith = bootstrap_mean(v[ok], n_boot=opts.n_boot, seed=opts.boot_seed, level=opts.level)
-        geo = bootstrap_mean(v[ok], n_boot=opts.n_boot, seed=opts.boot_seed, level=opts.level, geometric=True)
-        row.update(mean=arith["mean"], ci=[arith["lo"], arith["hi"]], geomean=geo["mean"], geomean_ci=[geo["lo"], geo["hi"]],
-                   median=float(np.median(v[ok])) if ok.any() else None,
-                   min=float(v[ok].min()) if ok.any() else None, max=float(v[ok].max()) if ok.any() else None,
-                   interval=arith["method"] + f", {opts.n_boot} resamples, seed {opts.boot_seed}, {opts.level:.0%}",
-                   note=arith.get("note"), cells=cells_list(g["cell"]))
+        x = v[ok]
+        mean = None if not x.size else (math.inf if np.isinf(x).any() else min(max(float(x.mean()), x.min()), x.max()))
+        # a data-independent metric's top-K and bottom-K, perturbed without a seeded draw, are the same in every seed
+        seedless = indep and key[-1] != "random_k" and not str(key[GROUP.index("perturbation")]).startswith("gauss_noise")
+        iv = _interval(g[ok], x, seedless, win, opts)
+        row.update(mean=mean, median=float(np.median(x)) if x.size else None,
+                   min=float(x.min()) if x.size else None, max=float(x.max()) if x.size else None,
+                   **iv, geomean_ci=list(iv["ci"]), level=opts.level, cells=cells_list(g["cell"]))
         out.append(row)
+    few = sum(1 for x in out if x["warning"])
+    if few:
+        log.warning("%d of %d ratio summaries rest on fewer than %d seeds: their intervals over seeds are wide and "
+                    "assume normal log ratios (see each row's warning)", few, len(out), FEW_SEEDS)
     return out
 
 
@@ -72,10 +147,33 @@ def paired_tests(r: pd.DataFrame, opts: CompareOptions) -> list[dict]:
             if control not in wide:
                 continue
             pair = wide[["top_k", control]].dropna()
-            t = paired_test(pair["top_k"], pair[control], alpha=opts.alpha)
+            t = paired_test(pair["top_k"], pair[control], alpha=opts.alpha, names=("top_k", control))
             out.append({**key_dict(GROUP, key), "model_name": g["model_name"].iloc[0], "control": control,
                         "seeds": [int(s) for s in pair.index], **t, "cells": cells_list(g["cell"])})
     return out
+
+
+def apply_holm(families: dict[str, list[dict]], alpha: float) -> dict:
+    """Holm's adjustment over every row with a ``p_value`` in ``families`` (name -> rows, e.g.
+    the paired tests and the location tests): each row gets ``p_holm`` (None without a test);
+    a paired test's verdict says when the adjustment changes its reading. Returns the summary."""
+    flat = [(name, row) for name, rows in families.items() for row in rows]
+    adj = holm([row.get("p_value") for _, row in flat])
+    for (name, row), q in zip(flat, adj):
+        row["p_holm"] = q
+        p = row.get("p_value")
+        if q is None or "verdict" not in row or name != "paired_tests":
+            continue
+        if p < alpha <= q:
+            row["verdict"] += f"; not significant after Holm's adjustment over this report's tests (p_holm={q:.3g})"
+            row["outcome"] = f"{row.get('outcome')} (not after Holm)"
+        elif q < alpha:
+            row["verdict"] += f"; still significant after Holm's adjustment (p_holm={q:.3g})"
+    tested = [(row.get("p_value"), q) for (_, row), q in zip(flat, adj) if q is not None]
+    return {"method": HOLM, "alpha": alpha, "n_tests": len(tested),
+            "families": {name: sum(1 for r in rows if r.get("p_value") is not None) for name, rows in families.items()},
+            "significant_raw": sum(1 for p, _ in tested if p < alpha),
+            "significant_holm": sum(1 for _, q in tested if q < alpha)}
 
 
 def dose_response(summary: list[dict], opts: CompareOptions) -> list[dict]:

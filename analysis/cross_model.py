@@ -22,7 +22,8 @@ from typing import Sequence
 import pandas as pd
 
 from .common import GROUP, NUMBERS_NOTE, clean, cells_list
-from .compare import CompareOptions, dose_response, paired_tests, ratio_summary, stability_table, tagged_results
+from .compare import (INTERVALS, CompareOptions, apply_holm, dose_response, paired_tests, ratio_summary,
+                      stability_table, tagged_results)
 from .enrichment import METHOD as ENRICHMENT_METHOD
 from .hypotheses import check_hypotheses
 from .load import PROTOCOL_COLUMNS, LoadOptions, ResultSet, load_results, read_top_weights
@@ -99,7 +100,7 @@ def run_analysis(rs: ResultSet, opts: AnalysisOptions | None = None) -> tuple[di
         opts = replace(opts, weights=replace(opts.weights, depth_bins=int(n_layers.min())))
         warnings.append(f"depth bins lowered to {opts.weights.depth_bins}: the shallowest model has that many layers")
     r = tagged_results(rs.results, rs.cells, warnings) if len(rs.cells) else pd.DataFrame()
-    ratios = ratio_summary(r, opts.compare)
+    ratios = ratio_summary(r, opts.compare, rs.windows)
     indep = data_independence(rs)
     spear, overlap = metric_spearman(rs, indep), topk_overlap(rs, indep)
     shares, fits, chi = location(rs, opts.weights)
@@ -110,7 +111,8 @@ def run_analysis(rs: ResultSet, opts: AnalysisOptions | None = None) -> tuple[di
     a = {
         "schema": SCHEMA, "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "conventions": {"numbers": NUMBERS_NOTE, "pooling": POOLING_NOTE,
-                        "ratio": "perplexity with the selection perturbed / unperturbed perplexity (x)"},
+                        "ratio": "perplexity with the selection perturbed / unperturbed perplexity (x)",
+                        "intervals": INTERVALS},
         "options": asdict(opts),
         "cells": {"n_loaded": len(rs.cells), "n_skipped": len(rs.skipped), "skipped": rs.skipped, "table": _cells_table(rs)},
         "protocols": _protocols(rs), "models": _models(rs),
@@ -136,6 +138,9 @@ def run_analysis(rs: ResultSet, opts: AnalysisOptions | None = None) -> tuple[di
         "super_weights": {"candidates": sw, "published": published},
         "warnings": warnings,
     }
+    # Holm over every test the report prints a p for: paired tests, location fits and comparisons
+    a["multiple_comparisons"] = apply_holm({"paired_tests": a["paired_tests"], "location_fit": fits,
+                                            "location_comparisons": chi}, opts.compare.alpha)
     a["hypotheses"] = check_hypotheses(a)
     dose_rows = [{**{k: d[k] for k in (*[g for g in GROUP if g != "k"], "model_name")}, "k": p["k"], "selection": sel,
                   **{f: p[sel][f] for f in ("geomean", "mean", "n_seeds", "n_inf")},

@@ -77,7 +77,8 @@ def _legend_outside(ax, **kw) -> None:
 # --------------------------------------------------------------------------- figures
 
 def ratios_figure(a: dict) -> tuple[Figure, str]:
-    """Perplexity ratio by selection with bootstrap intervals, one panel per model."""
+    """Geometric-mean perplexity ratio by selection with its interval (t on log ratios over
+    seeds, or the evaluation windows' bootstrap where seeds carry no spread), one panel per model."""
     rows = a.get("ratios", [])
     models = sorted({r["model_name"] for r in rows})
     fig, axes = _grid(len(models), w=5.0)
@@ -89,16 +90,16 @@ def ratios_figure(a: dict) -> tuple[Figure, str]:
         mine = [r for r in rows if r["model_name"] == model]
         groups = sorted({(r["protocol"], r["metric"], r["k"], r["mode"], r["perturbation"], r["variant"]) for r in mine},
                         key=lambda g: (g[0], g[1], g[3], g[4], g[2], g[5]))
-        finite_hi = max([value(r["ci"][1]) if r["ci"][1] is not None else value(r["mean"]) for r in mine
-                         if math.isfinite(value(r["mean"]))] + [2.0])
+        finite_hi = max([value(r["ci"][1]) if r["ci"][1] is not None and math.isfinite(value(r["ci"][1]))
+                         else value(r["geomean"]) for r in mine if math.isfinite(value(r["geomean"]))] + [2.0])
         top = finite_hi * 3
         for gi, g in enumerate(groups):
             for si, sel in enumerate(("top_k", "random_k", "bottom_k")):
                 r = next((r for r in mine if (r["protocol"], r["metric"], r["k"], r["mode"], r["perturbation"],
                                               r["variant"]) == g and r["selection"] == sel), None)
-                if r is None or r["mean"] is None:
+                if r is None or r["geomean"] is None:
                     continue
-                x, m = gi + (si - 1) * 0.22, value(r["mean"])
+                x, m = gi + (si - 1) * 0.22, value(r["geomean"])
                 if math.isinf(m):
                     ax.plot([x], [top], marker="^", ms=9, color=SELECTION_COLORS[sel], mfc="white", ls="none")
                     ax.annotate("inf", (x, top), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
@@ -110,6 +111,8 @@ def ratios_figure(a: dict) -> tuple[Figure, str]:
                     err = [[max(m - lo, 0.0)], [max(hi - m, 0.0)]]
                 elif r["n_seeds"] == 1:
                     notes.append("one seed")
+                if r.get("interval_code") == "windows":
+                    notes.append("windows")
                 ax.errorbar([x], [m], yerr=err, marker=MARKERS[sel], color=SELECTION_COLORS[sel], capsize=3, ls="none",
                             ms=6, label=sel if gi == 0 else None)
         ax.set_yscale("log")
@@ -118,7 +121,7 @@ def ratios_figure(a: dict) -> tuple[Figure, str]:
         many_p = len({x[4] for x in groups}) > 1
         ax.set_xticklabels([f"{g[1]} K={g[2]} {g[3]}" + (f" {g[4]}" if many_p else "") + (f" [{g[0]}]" if _multi_protocol(a)
                             else "") for g in groups], fontsize=6.5, rotation=35, ha="right")
-        ax.set_ylabel("perplexity ratio (perturbed / baseline, x, log)")
+        ax.set_ylabel("perplexity ratio (perturbed / baseline, x, log;\ngeometric mean over seeds)")
         ax.set_title(model, fontsize=10)
         lo, hi = ax.get_ylim()
         ax.set_ylim(lo, max(hi, top * 4))  # room above the highest point (and the inf markers)
@@ -126,10 +129,13 @@ def ratios_figure(a: dict) -> tuple[Figure, str]:
     missing = []
     if "one seed" in notes:
         missing.append("points without bars have one seed (no interval)")
+    if "windows" in notes:
+        missing.append("where every seed gives the same ratio the bar is the evaluation windows' bootstrap")
     if "inf" in notes:
         missing.append(INF_NOTE)
-    cap = (f"Mean perplexity ratio of top-K, random-K and bottom-K perturbation with {a['options']['compare']['level']:.0%} "
-           f"bootstrap intervals over seeds, one panel per model ({'; '.join(missing) + '; ' if missing else ''}"
+    cap = (f"Geometric-mean perplexity ratio of top-K, random-K and bottom-K perturbation with "
+           f"{a['options']['compare']['level']:.0%} t intervals on log ratios over seeds, one panel per model "
+           f"({'; '.join(missing) + '; ' if missing else ''}"
            f"from {_cells_phrase(c for r in rows for c in r['cells'])}).")
     return fig, cap
 

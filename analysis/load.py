@@ -4,7 +4,8 @@ A folder holding ``manifest.json`` is one experiment ("cell"); a folder holding
 ``sweep_manifest.json`` names its cells by their sub-folders. Folders whose manifest is not
 ``finished`` are skipped and counted. Fields added later (protocol block, ``ppl_status``,
 ``expert``, ``n_layers``, ``score_sample.parquet``, ``super_weights.json``, Parquet top
-weights) are used when present and derived or left out when not.
+weights, ``window_nll.parquet``, the metric's ``data_independent`` flag in
+``perturbation_results.json``) are used when present and derived or left out when not.
 
 Top weights are digested one cell at a time (counts per tensor, candidate lines, sorted id
 sets per seed) so that a hundred cells of ~430k rows each never sit in memory together.
@@ -66,6 +67,9 @@ class ResultSet:
     skipped: list[dict]
     warnings: list[str]
     top_weight_files: dict[str, Path] = field(default_factory=dict)
+    # per cell, selection ("baseline" for the unperturbed model; seed -1), seed and evaluation window:
+    # summed NLL and predictions (window_nll.parquet; absent in older folders)
+    windows: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
 # --------------------------------------------------------------------------- discovery
@@ -355,6 +359,7 @@ class _Cell:
     sample: pd.DataFrame | None = None
     super_weights: dict | None = None
     top_weights: Path | None = None
+    windows: pd.DataFrame | None = None
 
 
 def _read_cell(d: Path, cell: str, ids: TensorIds, opts: LoadOptions) -> _Cell:
@@ -394,6 +399,10 @@ def _read_cell(d: Path, cell: str, ids: TensorIds, opts: LoadOptions) -> _Cell:
         out.sample.insert(0, "cell", cell)
     sw = _read_json(d / "super_weights.json")
     out.super_weights = {"cell": cell, **sw} if sw else None
+    wf = d / (pert.get("window_nll") or "window_nll.parquet")
+    if wf.is_file():
+        out.windows = pd.read_parquet(wf, columns=["selection", "seed", "window", "nll", "tokens"])
+        out.windows.insert(0, "cell", cell)
     seeds = sorted({int(r["seed"]) for r in pert.get("results", [])}) or list(settings.get("seeds", []))
     out.row = {
         "cell": cell, "dir": str(d),
@@ -406,7 +415,7 @@ def _read_cell(d: Path, cell: str, ids: TensorIds, opts: LoadOptions) -> _Cell:
         "param_types": ",".join(sorted(settings.get("param_types") or [])),
         "seeds": ",".join(map(str, seeds)), "n_seeds": len(seeds),
         "baseline_ppl": man.get("baseline_ppl", (pert.get("baseline") or {}).get("ppl")),
-        "data_independent": (st or {}).get("data_independent"),
+        "data_independent": (st or {}).get("data_independent", pert.get("data_independent")),
         "variant": _variant(settings), "protocol_derived": derived,
         **{f"protocol_{f}": proto.get(f) for f in PROTOCOL_COLUMNS},
         "has_top_weights": tw.exists(), "top_weight_rows": n_top, "has_score_sample": ss.exists(),
@@ -476,7 +485,8 @@ def load_results(paths: Sequence[str | Path], opts: LoadOptions | None = None) -
         lines=_concat([c.lines for c in got if c.lines is not None]),
         score_sample=_concat([c.sample for c in got if c.sample is not None]),
         super_weights=[c.super_weights for c in got if c.super_weights], topk_keys=keys, skipped=skipped,
-        warnings=[], top_weight_files={c.row["cell"]: c.top_weights for c in got if c.top_weights})
+        warnings=[], top_weight_files={c.row["cell"]: c.top_weights for c in got if c.top_weights},
+        windows=_concat([c.windows for c in got if c.windows is not None]))
 
 
 def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:

@@ -143,9 +143,12 @@ def study_page(a: dict) -> Figure:
                      + f"; {len(p['cells'])} cells")
     lines += ["", a["conventions"]["pooling"] + ".", a["conventions"]["numbers"] + "."]
     o = a["options"]["compare"]
-    lines += ["", f"Intervals: percentile bootstrap over seeds, {o['n_boot']} resamples, seed {o['boot_seed']}, "
-                  f"{o['level']:.0%}. Paired test: {(a['paired_tests'] or [{}])[0].get('test', 'none run')}. "
-                  f"Critical K threshold: {o['threshold']:g}x."]
+    mc = a.get("multiple_comparisons") or {}
+    lines += ["", f"Intervals ({o['level']:.0%}): t on log ratios over seeds (geometric mean); where seeds carry no "
+                  f"spread, a paired bootstrap over the evaluation windows ({o['n_boot']} resamples, seed "
+                  f"{o['boot_seed']}); an infinite seed: [smallest seed, inf]. Paired test: "
+                  f"{(a['paired_tests'] or [{}])[0].get('test', 'none run')}. Multiple comparisons: Holm (1979) over "
+                  f"the report's {mc.get('n_tests', 0)} tests. Critical K threshold: {o['threshold']:g}x."]
     lines += ["", "Cells:"] + [f"  {r['cell']}: {r['model_name']} {r['metric']} K={r['k']} {r['mode']} "
                                f"{r['perturbation']} seeds {r['seeds']} [{r['protocol']}]" for r in c["table"][:40]]
     if len(c["table"]) > 40:
@@ -156,6 +159,18 @@ def study_page(a: dict) -> Figure:
     return fig
 
 
+INTERVAL_CODES = {"t": "t", "windows": "w", "order": "o", "zero": "0", "none": "-"}
+INTERVAL_NOTE = ("interval (column 'how', top/random/bottom): t = t interval on log ratios over seeds; w = paired "
+                 "bootstrap over the evaluation windows (the seeds carry no spread: every seed gives the same ratio); "
+                 "o = [smallest seed, inf] (an infinite seed); 0 = zero width (no spread, no per-window numbers); "
+                 "- = one seed, no interval")
+
+
+def _wrapped(text: str) -> tuple[str, int]:
+    lines = textwrap.wrap(text, 150)
+    return "\n".join(lines), len(lines)
+
+
 def ratios_page(a: dict) -> Figure:
     groups: dict[tuple, dict] = {}
     for r in a["ratios"]:
@@ -163,35 +178,55 @@ def ratios_page(a: dict) -> Figure:
         groups.setdefault(key, {})[r["selection"]] = r
     rows = []
     for key, sel in groups.items():
-        cols = []
+        cols, how = [], []
         for s in ("top_k", "random_k", "bottom_k"):
             r = sel.get(s)
-            cols += ["-", "-"] if r is None else [r["mean"], _ci(r["ci"])]
+            cols += ["-", "-"] if r is None else [r["geomean"], _ci(r["ci"])]
+            how.append("." if r is None else INTERVAL_CODES.get(r.get("interval_code"), "?"))
         n = max(r["n_seeds"] for r in sel.values())
         bad = sum(r["n_inf"] for r in sel.values()), sum(len(r["missing"]) for r in sel.values())
-        rows.append([*key, n, *cols, f"{bad[0]}/{bad[1]}"])
-    fig, (t, f) = _page("Perplexity ratios by selection", _table_share(len(rows)))
-    _table(t, ["model", "metric", "K", "mode", "perturb", "prot", "seeds", "top_k", "95% CI", "random_k", "95% CI",
-               "bottom_k", "95% CI", "inf/miss"], rows,
-           "Mean perplexity ratio over seeds (perturbed / baseline), bootstrap 95% intervals", " in ratios.parquet")
+        rows.append([*key, n, *cols, "/".join(how), f"{bad[0]}/{bad[1]}"])
+    few = sum(1 for r in a["ratios"] if r.get("warning"))
+    note = INTERVAL_NOTE + (f". WARNING: {few} of {len(a['ratios'])} rows rest on fewer than 5 seeds: their intervals "
+                            "over seeds are wide and assume normal log ratios" if few else "")
+    note, n_lines = _wrapped(note)
+    level = f"{a['options']['compare']['level']:.0%}"
+    fig, (t, f) = _page("Perplexity ratios by selection", _table_share(len(rows), n_lines + 1))
+    _table(t, ["model", "metric", "K", "mode", "perturb", "prot", "seeds", "top_k", f"{level} CI", "random_k",
+               f"{level} CI", "bottom_k", f"{level} CI", "how", "inf/miss"], rows,
+           f"Geometric-mean perplexity ratio over seeds (perturbed / baseline), {level} intervals", " in ratios.parquet",
+           note=note)
     _figure_into(f, "ratios_by_selection", a)
     return fig
 
 
+def _test_code(p: dict) -> str:
+    used = p.get("test_used") or ""
+    return "t" if used.startswith("paired t") else "exact" if used.startswith("exact") else "-"
+
+
 def dose_page(a: dict) -> Figure:
     fig, (t, f) = _page("Top-K against random-K, and damage against K")
-    rows = [[p["model_name"], p["metric"], p["k"], p["mode"], p["control"], p["n"], p.get("mean_log_diff"), p["p_value"],
-             p.get("wilcoxon_p"), p["verdict"]] for p in a["paired_tests"] if p["control"] == "random_k"]
+    rows = [[p["model_name"], p["metric"], p["k"], p["mode"], p["control"], p["n"],
+             f"{p['count']['top_greater']}/{p['count']['n']}" if p.get("count") else "-", p.get("mean_log_diff"),
+             p["p_value"], p.get("p_holm"), _test_code(p), p.get("outcome") or p["verdict"]]
+            for p in a["paired_tests"] if p["control"] == "random_k"]
     crit = [[d["model_name"], d["metric"], d["mode"], d["perturbation"], ",".join(map(str, d["ks"])),
              d["critical"]["critical_k"], d["critical"]["bound"],
              "-" if not d["critical"]["bracket"] else "-".join(_fmt(b) for b in d["critical"]["bracket"]),
              d["random_k_at_critical"]] for d in a["dose_response"]]
     t.axis("off")
     sub1, sub2 = t.inset_axes((0, 0.42, 1, 0.58)), t.inset_axes((0, 0.0, 1, 0.36))
-    test = (a["paired_tests"] or [{"test": "none run"}])[0]["test"]
-    _table(sub1, ["model", "metric", "K", "mode", "control", "n", "mean dlog ratio", "p", "Wilcoxon p", "verdict"], rows,
-           "Paired test of top_k against random_k over seeds", " (and bottom_k) in paired_tests.parquet", max_rows=16,
-           note=f"test: {test}; dlog ratio = log(top_k ratio) - log(random_k ratio), per seed")
+    mc = a.get("multiple_comparisons") or {}
+    note, _ = _wrapped("test: t = paired t-test on log ratios; exact = exact Wilcoxon signed-rank (+inf ranked largest),"
+                       " used where a ratio is infinite or the differences do not vary (its smallest p is 2/2^n: 0.25 "
+                       "with 3 seeds, below 0.05 from 6). top>ctl = seeds where top_k did more damage. p Holm: Holm "
+                       f"(1979) over the report's {mc.get('n_tests', 0)} tests (paired, location fit and comparison). dlog ratio = "
+                       "log(top_k ratio) - log(random_k ratio), mean over seeds")
+    _table(sub1, ["model", "metric", "K", "mode", "control", "n", "top>ctl", "mean dlog", "p", "p Holm", "test",
+                  "outcome"], rows,
+           "Paired test of top_k against random_k over seeds", " (and bottom_k) in paired_tests.parquet", max_rows=14,
+           note=note)
     _table(sub2, ["model", "metric", "mode", "perturb", "K measured", "critical K", "bound", "bracket", "random_k there"],
            crit, f"Critical K: smallest K whose top-K ratio (geometric mean) reaches "
                  f"{a['options']['compare']['threshold']:g}x, log-log interpolated", " in dose_response.parquet", max_rows=10)

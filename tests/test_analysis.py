@@ -14,7 +14,7 @@ from scipy import stats as sps
 from analysis.cross_model import AnalysisOptions, analyze
 from analysis.compare import CompareOptions
 from analysis.load import LoadOptions, TensorIds, digest_top_weights, load_results
-from analysis.stats import bootstrap_mean, chi_square_alike, critical_k, loglog_at, paired_test
+from analysis.stats import chi_square_alike, critical_k, loglog_at, paired_test, seed_interval
 from synthetic_results import MODEL_A, SynthCell, SynthModel, write_cell, write_sweep
 
 FAST = AnalysisOptions(compare=CompareOptions(n_boot=2000), figures=False)
@@ -31,37 +31,35 @@ def by(rows, **match):
 # --------------------------------------------------------------------------- statistics
 
 @pytest.mark.parametrize("value", [2.5, 0.1, 1e-7])
-def test_bootstrap_interval_on_constant_data_has_zero_width(value):
-    for geometric in (False, True):
-        b = bootstrap_mean([value] * 5, n_boot=1000, seed=3, geometric=geometric)
-        assert b["lo"] == b["hi"] == b["mean"]
-        assert b["mean"] == pytest.approx(value, rel=1e-12)
+def test_seed_interval_on_constant_data_has_zero_width_and_says_no_spread(value):
+    b = seed_interval([value] * 5)
+    assert b["lo"] == b["hi"] == value and b["no_spread"] and b["code"] == "zero"
+    assert b["geomean"] == pytest.approx(value, rel=1e-12)
 
 
-def test_bootstrap_interval_is_seeded_and_brackets_the_mean():
-    x = [1.0, 2.0, 3.0, 4.0, 5.0]
-    a, b = bootstrap_mean(x, n_boot=4000, seed=1), bootstrap_mean(x, n_boot=4000, seed=1)
-    assert a == b and a["mean"] == 3.0
-    # the mean of 5 draws with sd 1.41 (population): se ~0.63, so the 95% interval is about 3 -+ 1.2
-    assert 1.5 < a["lo"] < 2.3 and 3.7 < a["hi"] < 4.5
-
-
-def test_bootstrap_degenerate_inputs():
-    assert bootstrap_mean([])["mean"] is None
-    one = bootstrap_mean([7.0])
-    assert one["mean"] == 7.0 and one["lo"] is None and "one seed" in one["note"]
+def test_seed_interval_degenerate_inputs():
+    assert seed_interval([])["geomean"] is None
+    one = seed_interval([7.0])
+    assert one["geomean"] == pytest.approx(7.0, rel=1e-15) and one["lo"] is None and "one seed" in one["note"]
+    assert "fewer than 5" in one["warning"]
     with pytest.raises(ValueError, match="NaN"):
-        bootstrap_mean([1.0, float("nan")])
-    b = bootstrap_mean([10.0, math.inf, 12.0], n_boot=4000)
-    # P(a resample misses the inf) = (2/3)^3 = 0.30 > 2.5%: the low end is finite, the high end inf
-    assert b["mean"] == math.inf and b["hi"] == math.inf and 10.0 <= b["lo"] <= 12.0
+        seed_interval([1.0, float("nan")])
+    with pytest.raises(ValueError, match="<= 0"):
+        seed_interval([1.0, 0.0])
+    b = seed_interval([10.0, math.inf, 12.0])
+    # no t interval exists: [smallest seed, inf], below the median with probability 1 - 0.5^3
+    assert b["geomean"] == math.inf and (b["lo"], b["hi"]) == (10.0, math.inf) and b["code"] == "order"
+    assert b["coverage"] == pytest.approx(0.875)
+    every = seed_interval([math.inf] * 3)
+    assert every["lo"] == every["hi"] == every["geomean"] == math.inf
 
 
 def test_paired_test_known_answers():
     few = paired_test([10, 20], [2, 2])
-    assert few["p_value"] is None and few["verdict"].startswith("not enough seeds")
-    same = paired_test([10, 20, 40], [2, 4, 8])  # every log difference is log 5
-    assert same["p_value"] is None and "equal" in same["verdict"]
+    assert few["p_value"] is None and "not enough seeds" in few["verdict"] and few["count"]["top_greater"] == 2
+    same = paired_test([10, 20, 40], [2, 4, 8])  # every log difference is log 5: no t-test, the exact test
+    assert same["p_value"] == pytest.approx(0.25) and "do not vary" in same["test_used"]
+    assert same["verdict"].startswith("3/3 seeds: top_k > control: every seed agrees")
     top, rnd = np.array([10.0, 20.0, 40.0, 25.0]), np.array([2.0, 2.5, 2.0, 3.0])
     d = np.log(top) - np.log(rnd)
     t = d.mean() / (d.std(ddof=1) / math.sqrt(4))
@@ -228,7 +226,7 @@ def test_infinite_ratios_are_inf_and_reported(tmp_path):
     bottom = by(a["ratios"], selection="bottom_k")[0]
     assert bottom["n_seeds"] == 3 and bottom["missing"][0]["seed"] == 1
     test = by(a["paired_tests"], control="random_k")[0]
-    assert test["n"] == 4 and "Wilcoxon" in test["test_used"]
+    assert test["n"] == 4 and "Wilcoxon" in test["test_used"] and test["count_text"] == "4/4 seeds: top_k > random_k"
     json.dumps(a, allow_nan=False)
 
 
@@ -244,7 +242,7 @@ def test_dose_response_critical_k_through_the_pipeline(tmp_path):
     assert sorted(d["cells"]) == ["k10", "k100", "k1000"]
     # one seed: a mean but no interval, and no p-value
     assert by(a["ratios"], selection="top_k", k=10)[0]["ci"] == [None, None]
-    assert all(t["p_value"] is None and t["verdict"].startswith("not enough seeds") for t in a["paired_tests"])
+    assert all(t["p_value"] is None and "not enough seeds" in t["verdict"] for t in a["paired_tests"])
 
 
 def test_location_enrichment_alike_and_unlike(tmp_path):
