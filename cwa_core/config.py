@@ -135,6 +135,10 @@ class ExperimentConfig:
              f"unknown {self.device!r}; allowed: {', '.join(DEVICES)} (or cuda:N)")
         need(self.dtype in DTYPES, "dtype", f"unknown {self.dtype!r}; allowed: {', '.join(DTYPES)}")
         need(self.bos in BOS_LAYOUTS, "bos", f"unknown {self.bos!r}; allowed: {', '.join(BOS_LAYOUTS)}")
+        # published takes the tokenizer's own layout; only the default "window" passes (recorded as what was used)
+        need(PROTOCOLS[self.protocol].layout is None or self.bos == "window", "bos",
+             f"protocol {self.protocol} tokenizes the whole text once with the tokenizer's own special tokens (for "
+             "Llama one BOS at the start); bos (window or document) applies to protocol heldout only")
         for t in self.param_types:
             need(t in PARAM_TYPES, "param_types", f"unknown {t!r}; allowed: {', '.join(PARAM_TYPES)}")
         need(len(self.param_types) > 0, "param_types", "at least one parameter type")

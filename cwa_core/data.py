@@ -1,12 +1,15 @@
 """Text corpora -> token windows: seeded calibration windows and held-out evaluation windows.
 
 The text is tokenized once. Windows are non-overlapping spans of one token stream, in one of
-two layouts (the two conventions published perplexities use):
+three layouts:
 
-* ``bos="window"``: the text is one stream; every window is ``[BOS] + L-1`` stream tokens.
-  (WikiText-2 as usually reported.)
-* ``bos="document"``: documents (separated by blank lines) each start with BOS, are joined,
-  and cut into windows of ``L`` tokens. (TinyStories.)
+* ``"tokenizer"`` (protocol ``published``): the whole text is tokenized once with the tokenizer's
+  own special tokens (``tokenizer(text)``: for Llama one BOS at the very start) and cut into
+  contiguous windows of ``L`` tokens from token 0, the last partial window dropped: the WikiText-2
+  convention of GPTQ/SparseGPT and AWQ (sources beside :data:`WIKITEXT2_TEST_JOIN_SHA256`).
+* ``bos="window"`` (``heldout``): the text is one stream; every window is ``[BOS] + L-1`` stream tokens.
+* ``bos="document"`` (``heldout``): documents (separated by blank lines) each start with BOS, are
+  joined, and cut into windows of ``L`` tokens. (TinyStories.)
 
 Evaluation windows are the *last* ``n_eval`` windows of the evaluation stream and never depend
 on the seed. When calibration and evaluation share a text, calibration windows are drawn (with
@@ -15,6 +18,7 @@ window, so the two never overlap.
 """
 from __future__ import annotations
 
+import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,16 +28,37 @@ import torch
 
 log = logging.getLogger(__name__)
 
-BOS_LAYOUTS = ("window", "document")
+BOS_LAYOUTS = ("window", "document")  # --bos: the layouts protocol heldout lets one choose
+TOKENIZER_LAYOUT = "tokenizer"  # protocol published: the tokenizer's own special tokens, text tokenized once
+LAYOUTS = (*BOS_LAYOUTS, TOKENIZER_LAYOUT)
+
+# The WikiText-2 test text, as sha256 of its UTF-8 bytes. Two strings go by that name:
+# * the rows of Hugging Face `datasets` ("wikitext", "wikitext-2-raw-v1", split "test") joined with
+#   "\n\n": the text behind the papers' numbers. GPTQ/SparseGPT (IST-DASLab/sparsegpt datautils.py,
+#   get_wikitext2: testenc = tokenizer("\n\n".join(testdata['text']))) and AWQ (mit-han-lab/llm-awq
+#   awq/entry.py, citing GPTQ's llama.py) tokenize exactly that once, cut nsamples = numel // seqlen
+#   contiguous windows and drop the rest. Its rows are the lines of wiki.test.raw, each kept with its
+#   "\n", a whitespace-only line as "" (huggingface/datasets datasets/wikitext/wikitext.py,
+#   _generate_examples); 4,358 rows, row 1 " = Robert Boulter = \n" (brain-score/language
+#   brainscore_language/data/wikitext/test.py). :func:`wikitext2_join` rebuilds it from the raw file.
+# * the byte-exact raw file wiki.test.raw of wikitext-2-raw-v1.zip (the assets' corpora/wikitext2_test.raw,
+#   sha256 in ../shared/assets/README.md): the offline stand-in.
+WIKITEXT2_TEST_JOIN_SHA256 = "696cca6b65a171b0a358a4be6732cdfdf2dd6164a32e20fd70e3c13fc4dfae83"
+WIKITEXT2_TEST_RAW_SHA256 = "173c87a53759e0201f33e0ccf978e510c2042d7f2cb78229d9a50d79b9e7dd08"
+KNOWN_TEXTS = {
+    WIKITEXT2_TEST_JOIN_SHA256: "WikiText-2 test: the datasets rows joined with \\n\\n (the papers' text)",
+    WIKITEXT2_TEST_RAW_SHA256: "WikiText-2 test: the byte-exact raw file wiki.test.raw (offline stand-in)",
+}
 
 
 @dataclass(frozen=True)
 class TokenStream:
-    """A tokenized text. ``tokens`` is 1-D; ``bos_id`` is prepended per window or per document."""
+    """A tokenized text. ``tokens`` is 1-D; ``bos_id`` is prepended per window ("window" layout) or
+    is already in ``tokens`` (per document, or where the tokenizer put its special tokens)."""
 
     tokens: torch.Tensor  # (T,) int64
     bos_id: int | None
-    layout: str  # "window" or "document"
+    layout: str  # one of LAYOUTS: "window", "document" or "tokenizer"
     source: str  # file path or dataset name, for provenance
 
     def __len__(self) -> int:
@@ -59,11 +84,14 @@ class TokenStream:
 
 
 def tokenize(tokenizer, text: str, *, layout: str = "window", source: str = "") -> TokenStream:
-    """Tokenize once. In ``document`` layout each blank-line-separated document gets a BOS."""
-    if layout not in BOS_LAYOUTS:
-        raise ValueError(f"unknown BOS layout {layout!r}; allowed: {', '.join(BOS_LAYOUTS)}")
+    """Tokenize once. In ``document`` layout each blank-line-separated document gets a BOS; in
+    ``tokenizer`` layout the text gets the tokenizer's own special tokens, once (``tokenizer(text)``)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown BOS layout {layout!r}; allowed: {', '.join(LAYOUTS)}")
     bos = tokenizer.bos_token_id
-    if layout == "document":
+    if layout == TOKENIZER_LAYOUT:  # exactly what the published loops do: tokenizer("\n\n".join(rows))
+        ids = tokenizer(text, verbose=False)["input_ids"]
+    elif layout == "document":
         if bos is None:
             raise ValueError("document layout needs a tokenizer with a BOS token")
         docs = [d for d in text.split("\n\n") if d.strip()]
@@ -100,11 +128,50 @@ def read_text(path: str | Path) -> str:
 
 
 def load_wikitext2(split_name: str = "test") -> str:
-    """A WikiText-2 raw split through ``datasets`` (needs the network), joined as usual."""
+    """A WikiText-2 raw split through ``datasets`` (needs the network), its rows joined with "\\n\\n"
+    as the published evaluations do (test: sha256 :data:`WIKITEXT2_TEST_JOIN_SHA256`)."""
     from datasets import load_dataset  # optional dependency, only where the network allows
 
     ds = load_dataset("wikitext", "wikitext-2-raw-v1", split=split_name)
     return "\n\n".join(ds["text"])
+
+
+def wikitext2_rows(raw: str) -> list[str]:
+    """The rows ``datasets`` makes of a WikiText raw file: one per line, the line with its "\\n", a
+    whitespace-only line as "" (huggingface/datasets, datasets/wikitext/wikitext.py, _generate_examples)."""
+    lines = io.StringIO(raw, newline=None)  # iterated like the script's open(data_file): universal newlines
+    return [row if row.strip() else "" for row in lines]
+
+
+def wikitext2_join(raw: str) -> str:
+    """The published evaluation text, offline: the raw file's rows joined with "\\n\\n" (for
+    wiki.test.raw its sha256 is :data:`WIKITEXT2_TEST_JOIN_SHA256`)."""
+    return "\n\n".join(wikitext2_rows(raw))
+
+
+def text_identity(sha256: str, source: str) -> str:
+    """Which text ``sha256`` is, for the protocol record: one of :data:`KNOWN_TEXTS`, else where it came from."""
+    if sha256 in KNOWN_TEXTS:
+        return KNOWN_TEXTS[sha256]
+    if source.startswith("wikitext-2-raw-v1/"):
+        return f"{source} through datasets, rows joined with \\n\\n (sha256 not the recorded one)"
+    return "another text"
+
+
+def special_tokens_added(tokenizer) -> str:
+    """What ``tokenizer(text)`` adds to a text, read off a probe, e.g. "tokenizer: <s> once at the
+    start" (the layout of protocol published, recorded with its numbers)."""
+    probe = "The cat sat."
+    full = tokenizer(probe)["input_ids"]
+    bare = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    n = len(bare)
+    at = next((i for i in range(len(full) - n + 1) if full[i:i + n] == bare), None)
+    if at is None:
+        return "tokenizer: its own special tokens"
+    head, tail = full[:at], full[at + n:]
+    parts = [f"{' '.join(tokenizer.convert_ids_to_tokens(ids))} once at the {where}"
+             for ids, where in ((head, "start"), (tail, "end")) if ids]
+    return "tokenizer: " + (", ".join(parts) if parts else "no special tokens")
 
 
 @dataclass(frozen=True)
@@ -117,6 +184,7 @@ class Protocol:
     default_eval_samples: int | None  # None: every window
     max_default_window: int | None  # default window: min(this, context); None: max_length
     use: str  # when to use it (the README's table)
+    layout: str | None = None  # token layout of both texts; None: the --bos setting (window or document)
 
 
 PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (
@@ -128,9 +196,11 @@ PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (
     Protocol("published", all_windows=True, separate_calibration=True, default_eval_samples=None,
              max_default_window=2048,
              use="every window of eval_length tokens (default min(2048, the model's context)) of the whole "
-                 "evaluation text (default WikiText-2 test), calibration from a separate training text (default "
-                 "WikiText-2 train): the convention of published WikiText-2 perplexities, for checking baselines "
-                 "against the literature"),
+                 "evaluation text (default WikiText-2 test), tokenized once with the tokenizer's own special tokens "
+                 "and cut into contiguous windows from token 0 (the last partial one dropped); calibration from a "
+                 "separate training text (default WikiText-2 train) in the same layout: the convention of published "
+                 "WikiText-2 perplexities, for checking baselines against the literature",
+             layout=TOKENIZER_LAYOUT),
 )}
 
 

@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 
 from .architectures import ParamRef, scored_params
 from .config import ConfigError, ExperimentConfig
-from .data import PROTOCOLS, DataSplit, TextFileError, load_wikitext2, read_text, split, tokenize
+from .data import (PROTOCOLS, TOKENIZER_LAYOUT, DataSplit, TextFileError, load_wikitext2, read_text, split,
+                   special_tokens_added, text_identity, tokenize)
 from .evaluate import Perplexity, finite_status, model_device, perplexity
 from .metrics import METRICS, ScoreOptions, score
 from .perturb import PerturbSpec, perturbed
@@ -65,8 +66,9 @@ def load_split(cfg: ExperimentConfig, tokenizer) -> DataSplit:
     if proto.separate_calibration or separate:
         eval_text, eval_src = _read(cfg, "eval_file")
         texts["eval_file"] = eval_text
+    layout = proto.layout or cfg.bos  # published: the tokenizer's own special tokens; heldout: --bos
     try:
-        streams = {k: tokenize(tokenizer, t, layout=cfg.bos, source=calib_src if k == "data_file" else eval_src)
+        streams = {k: tokenize(tokenizer, t, layout=layout, source=calib_src if k == "data_file" else eval_src)
                    for k, t in texts.items()}
     except ValueError as e:
         raise DataError("data_file", str(e)) from None
@@ -75,11 +77,12 @@ def load_split(cfg: ExperimentConfig, tokenizer) -> DataSplit:
                     eval_length=cfg.resolved_eval_length, n_eval=cfg.eval_samples)
     except ValueError as e:
         raise DataError("eval_samples", str(e)) from None
-    ev_text = texts.get("eval_file", calib_text)
-    protocol = {"name": proto.name, "eval_source": out.eval.source,
-                "eval_sha256": hashlib.sha256(ev_text.encode("utf-8")).hexdigest(),
+    ev_sha = hashlib.sha256(texts.get("eval_file", calib_text).encode("utf-8")).hexdigest()
+    protocol = {"name": proto.name, "eval_source": out.eval.source, "eval_sha256": ev_sha,
+                "eval_text": text_identity(ev_sha, out.eval.source),
                 "eval_tokens_total": len(out.eval), "window_length": out.eval_length, "eval_windows": out.n_eval,
-                "all_windows": out.n_eval == out.eval.n_windows(out.eval_length), "bos": cfg.bos,
+                "all_windows": out.n_eval == out.eval.n_windows(out.eval_length),
+                "bos": special_tokens_added(tokenizer) if layout == TOKENIZER_LAYOUT else cfg.bos,
                 "calib_source": out.calib.source, "calib_disjoint": True}
     return replace(out, protocol=protocol)
 

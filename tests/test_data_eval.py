@@ -36,7 +36,9 @@ def test_reference_perplexity_tinystories(assets, stories):
 
 @pytest.mark.slow
 def test_reference_perplexity_wikitext(assets, stories):
-    """../shared/assets/README.md: 125.7 over 1,583 windows, BOS at each window start."""
+    """../shared/assets/README.md: 125.7 over 1,583 windows, BOS at each window start (the `--bos window`
+    layout of protocol heldout; protocol published, BOS once at the start, is
+    tests/test_published_convention.py)."""
     r = _full_corpus_ppl(stories, WIKITEXT, "window")
     assert r.n_windows == 1583
     assert abs(r.ppl / 125.7 - 1) < 0.01, r.ppl
