@@ -85,7 +85,8 @@ def build_parser() -> OneLineParser:
     p.add_argument("--data-file", help="calibration text (default: WikiText-2 test via datasets)")
     p.add_argument("--eval-file", help="evaluation text (default: held-out tail of the calibration text)")
     p.add_argument("--bos", default="window", choices=list(BOS_LAYOUTS),
-                   help="BOS at each window start (one stream) or at each blank-line-separated document")
+                   help="protocol heldout: BOS at each window start (one stream) or at each blank-line-separated "
+                        "document (published always takes the tokenizer's own special tokens, once per text)")
     p.add_argument("--param-types", type=_str_list, default=",".join(DEFAULT_PARAM_TYPES),
                    help="comma-separated from attention,mlp,norm,embedding,lm_head")
     p.add_argument("--hutchinson-probes", type=int, default=16)
