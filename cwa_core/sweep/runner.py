@@ -28,8 +28,10 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import sys
+import threading
 import time
 import traceback
 from collections import deque
@@ -99,6 +101,23 @@ class SweepBusyError(RuntimeError):
     """Another driver is running a sweep into the same results folder."""
 
 
+class SweepResourceError(RuntimeError):
+    """The sweep's actors can never be placed on this Ray (one line; nothing is written)."""
+
+
+def actor_demand(res) -> dict[str, float]:
+    """What one actor asks Ray for."""
+    return {"CPU": float(res.cpus_per_actor), "GPU": float(res.gpus_per_actor)}
+
+
+def fits(need: dict[str, float], have: dict[str, float]) -> bool:
+    return all(have.get(k, 0.0) >= v for k, v in need.items() if v > 0)
+
+
+def _fmt_resources(r: dict) -> str:
+    return ", ".join(f"{r.get(k, 0):g} {k}" for k in ("CPU", "GPU"))
+
+
 @contextlib.contextmanager
 def _exclusive(root: Path):
     """Hold ``root/.sweep.lock`` (released by the kernel even if the driver is SIGKILLed)."""
@@ -127,6 +146,11 @@ class _Progress:
             self.bars[mk] = tqdm(total=len(cells), desc=f"  {name}", position=i, disable=not enabled, unit="cell",
                                  dynamic_ncols=True)
         self.failed = {key: 0 for key in [*self.bars, "all"]}
+
+    def waiting(self, mk: tuple, on: bool = True) -> None:
+        """Show that the model waits for resources (its actor is not placed yet)."""
+        bar = self.bars[mk]
+        bar.set_postfix_str("waiting for resources" if on else f"running {bar.total - bar.n}, failed {self.failed[mk]}")
 
     def update(self, mk: tuple, *, failed: bool = False) -> None:
         for key, bar in ((mk, self.bars[mk]), ("all", self.overall)):
@@ -185,19 +209,44 @@ class _Task:
 
 @dataclass(eq=False)
 class _Slot:
-    """One actor of a model's group, replaced when it dies."""
+    """One actor of a model's group, replaced when it dies, released when its model is done.
+
+    Tasks go only to a *ready* actor (placed and its model loaded): an actor still waiting for
+    resources holds no work, so the work never waits behind a slot that another model's actors
+    hold."""
 
     actor: Any
+    ready_ref: Any = None  # the actor's __ray_ready__ call: returns once it is placed and loaded
+    ready: bool = False
     inflight: list = field(default_factory=list)  # [(ref, task)] in submission order
     deaths: int = 0
     alive: bool = True
+    released: bool = False  # its model's cells are all done: the actor was let go
     completed: int = 0  # tasks the current actor finished (it has loaded its model)
+    waiting: bool = False  # said to be waiting for resources (logged once per wait)
+    last_error: str | None = None
+
+    def renew(self, actor) -> None:
+        self.actor, self.ready_ref, self.ready, self.completed, self.waiting = actor, actor.__ray_ready__.remote(), False, 0, False
 
 
 def _is_actor_loss(ray, e: BaseException) -> bool:
     x = ray.exceptions
     return isinstance(e, (x.RayActorError, x.WorkerCrashedError, x.OutOfMemoryError, x.NodeDiedError,
                           x.LocalRayletDiedError, x.ActorUnschedulableError))
+
+
+def _pending_creation(ray, actor) -> bool:
+    """Whether Ray has not placed ``actor`` yet (no node has the resources free): pending creation
+    and no process (a placed actor loading its model is pending creation too, with a pid). Read from
+    the GCS actor table (no dashboard needed); False where that is unavailable."""
+    try:
+        from ray._private import state
+
+        entry = state.actors(actor_id=actor._actor_id.hex())
+        return entry.get("State") == "PENDING_CREATION" and not entry.get("Pid")
+    except Exception:  # noqa: BLE001 - a private API: without it, no message, the sweep goes on
+        return False
 
 
 def _needs_fresh_actor(e: BaseException) -> bool:
@@ -221,6 +270,9 @@ class SweepRunner:
         self.manifest = _read_manifest(self.root) or {"name": sweep.name, "cells": {}}
         self.timings: dict[str, float] = {}
         self.interrupted = False
+        self.refused = False  # the sweep can never fit this Ray: nothing is recorded
+        self.abandon_tracking = False  # start-up failed or was stopped: MLflow is not to be started
+        self.timings_at: dict[str, float] = {}  # perf_counter() of events: "sigint"
 
     # -- bookkeeping -----------------------------------------------------------------------
     def _save(self) -> None:
@@ -232,8 +284,14 @@ class SweepRunner:
     def run(self) -> dict:
         """Run what is left of the sweep; returns the sweep manifest. KeyboardInterrupt is
         re-raised after the clean stop."""
-        with _exclusive(self.root):
-            return self._run()
+        existed = self.root.exists()
+        try:
+            with _exclusive(self.root), _sigint_clock(self.timings_at):
+                return self._run()
+        except SweepResourceError:
+            if not existed:  # refused before any work: leave no folder behind (only the lock is in it)
+                shutil.rmtree(self.root, ignore_errors=True)
+            raise
 
     def _run(self) -> dict:
         t0 = time.perf_counter()
@@ -253,17 +311,31 @@ class SweepRunner:
         tracker, ray, owns_ray, groups = None, None, False, {}
         status = "FAILED"
         try:
-            # MLflow's start-up (import, schema) overlaps Ray's and the actors' (model loading)
-            with ThreadPoolExecutor(max_workers=1) as pool:
-                tracking = pool.submit(self._start_tracking) if self.sweep.tracking.enabled else None
-                if compute:
-                    t = time.perf_counter()
-                    # not ``import ray`` here: init_ray sets the loopback variable Ray reads at import
-                    owns_ray = "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
-                    ray = init_ray(self.address, self.num_cpus, dashboard=self.dashboard)
-                    self.timings["ray_start_s"] = time.perf_counter() - t
-                    groups = self._start_actors(ray, plan)
+            # MLflow's start-up (import, schema) overlaps Ray's and the actors' (model loading);
+            # it writes nothing until the sweep is known to fit this Ray
+            # (a Ctrl-C meanwhile does not wait for MLflow's start-up: the thread is abandoned)
+            pool = ThreadPoolExecutor(max_workers=1)
+            try:
+                fit_checked = threading.Event()
+                tracking = pool.submit(self._start_tracking, fit_checked) if self.sweep.tracking.enabled else None
+                try:
+                    if compute:
+                        t = time.perf_counter()
+                        # not ``import ray`` here: init_ray sets the loopback variable Ray reads at import
+                        owns_ray = "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
+                        ray = init_ray(self.address, self.num_cpus, dashboard=self.dashboard)
+                        self.timings["ray_start_s"] = time.perf_counter() - t
+                        self._check_fit(ray)
+                        groups = self._start_actors(ray, plan)
+                except BaseException as e:
+                    self.refused = isinstance(e, SweepResourceError)
+                    self.abandon_tracking = True
+                    raise
+                finally:
+                    fit_checked.set()
                 tracker = tracking.result() if tracking else None
+            finally:
+                pool.shutdown(wait=False)
             self._save()
             if tracker is not None:
                 self._close_leftovers(tracker)
@@ -278,6 +350,7 @@ class SweepRunner:
         except KeyboardInterrupt:
             self.interrupted = True
             status = "KILLED"
+            log.warning("Ctrl-C: stopping; finished cells are kept, open MLflow runs marked KILLED, actors and Ray stopped")
             raise
         finally:
             with _no_sigint(self.interrupted):
@@ -286,12 +359,18 @@ class SweepRunner:
 
     def _stop(self, ray, owns_ray: bool, groups: dict, tracker, status: str, started: int, t0: float) -> None:
         """Record the run, close MLflow, stop the actors and (if ours) Ray; never raises."""
+        if self.refused:
+            if ray is not None and owns_ray:
+                with contextlib.suppress(Exception):
+                    ray.shutdown()
+            return
         # where the time went: start-up (Ray, MLflow), the first result (actor start, model
         # load, tokenizing, first task), the rest; benchmarks/sweep_overhead.py reads these
         self.manifest.setdefault("runs", []).append({"started_cells": started, "seconds": time.perf_counter() - t0,
                                                      "status": status, "timings_s": self.timings})
         with contextlib.suppress(Exception):
             self._save()
+        t = time.perf_counter()
         if tracker is not None and tracker.sweep_run_id is not None:
             try:
                 if self.interrupted:
@@ -302,24 +381,32 @@ class SweepRunner:
                     "model_loads": self.manifest.get("model_loads", 0)})
             except Exception as e:  # noqa: BLE001 - the files are the record; say so and go on
                 log.warning("could not close the MLflow sweep run: %s", _one_line(e))
+        self.timings["stop_tracking_s"] = time.perf_counter() - t
         if ray is not None:
+            t = time.perf_counter()
             for slots in groups.values():
                 for slot in slots:
                     with contextlib.suppress(Exception):
                         ray.kill(slot.actor)
+            self.timings["stop_actors_s"] = time.perf_counter() - t
             if owns_ray:
                 t = time.perf_counter()
                 with contextlib.suppress(Exception):
                     ray.shutdown()
                 self.timings["ray_shutdown_s"] = time.perf_counter() - t  # the same dict as the manifest's run entry
-                with contextlib.suppress(Exception):
-                    self._save()
+        if "sigint" in self.timings_at:
+            self.timings["sigint_to_stopped_s"] = time.perf_counter() - self.timings_at["sigint"]
+        with contextlib.suppress(Exception):
+            self._save()
 
     # -- start-up --------------------------------------------------------------------------
-    def _start_tracking(self):
-        from .tracking import Tracker
-
+    def _start_tracking(self, go: threading.Event):
         t = time.perf_counter()
+        from .tracking import Tracker  # importing MLflow: the slow part, overlapped
+
+        go.wait()
+        if self.abandon_tracking:  # refused, or stopped (Ctrl-C) while starting
+            return None
         tracker = Tracker(self.tracking_uri, self.sweep.tracking.experiment or self.sweep.name)
         self.manifest["mlflow"] = {"tracking_uri": tracker.uri, "experiment": tracker.experiment,
                                    "experiment_id": tracker.experiment_id}
@@ -350,9 +437,33 @@ class SweepRunner:
         return ray.remote(_RayWorker).options(**opts).remote(cfg, threads=threads, device_map=device_map)
 
     def _start_actors(self, ray, plan: Plan) -> dict:
-        """One actor group per model; each actor starts loading its model at once."""
-        return {mk: [_Slot(self._new_actor(ray, cells[0].config)) for _ in range(self.sweep.resources.actors_per_model)]
-                for mk, cells in plan.models.items()}
+        """One actor group per model; each actor starts loading its model as soon as Ray places it
+        (at once where there is room; the others when a model's actors are released)."""
+        groups = {}
+        for mk, cells in plan.models.items():
+            groups[mk] = []
+            for _ in range(self.sweep.resources.actors_per_model):
+                slot = _Slot(None)
+                slot.renew(self._new_actor(ray, cells[0].config))
+                groups[mk].append(slot)
+        return groups
+
+    def _check_fit(self, ray) -> None:
+        """Refuse a sweep whose actor fits on no node: on a local Ray (fixed resources) with one
+        line; on a cluster (``--address``: an autoscaler may still add a node that fits) with a
+        warning."""
+        need = actor_demand(self.sweep.resources)
+        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+        if any(fits(need, have) for have in nodes):
+            return
+        biggest = max(nodes, key=lambda h: (h.get("GPU", 0), h.get("CPU", 0)), default={})
+        msg = (f"resources: an actor needs {_fmt_resources(need)} but no node of this Ray cluster has that "
+               f"(the largest has {_fmt_resources(biggest)}); lower resources.cpus_per_actor / gpus_per_actor"
+               + ("" if self.address else " or give --num-cpus"))
+        if self.address:
+            log.warning("%s; waiting for the autoscaler to add a node that fits", msg)
+            return
+        raise SweepResourceError(msg)
 
     # -- execution -------------------------------------------------------------------------
     def _execute(self, ray, plan: Plan, groups: dict[tuple, list[_Slot]], tracker) -> None:
@@ -385,6 +496,7 @@ class SweepRunner:
         prog = _Progress(plan, self.progress)
         counts = {"baselines": 0, "super_weight_studies": 0, "scoring_passes": 0, "evaluations": 0}
         seq = [0]
+        released_infos: list[dict] = []  # what released actors said of themselves (for the manifest)
 
         def fail_cell(cell: Cell, why: str, *, stage: str = "compute") -> None:
             if state[cell.id] in ("finished", "failed"):
@@ -412,14 +524,16 @@ class SweepRunner:
                             retries.task_tries, why)
                 queues[task.mk].appendleft(task)
 
-        def replace_actor(mk: tuple, slot: _Slot, culprit: _Task, why: str) -> None:
-            """The slot's actor is gone (or not to be trusted): charge the task it was running,
-            requeue the others free, start a new actor if the budget allows."""
+        def replace_actor(mk: tuple, slot: _Slot, culprit: _Task | None, why: str) -> None:
+            """The slot's actor is gone (or not to be trusted): charge the task it was running (none
+            if it died starting), requeue the others free, start a new actor if the budget allows."""
             others = [t for _, t in slot.inflight if t is not culprit]
             slot.inflight = []
+            slot.last_error = why
             for t in sorted(others, key=lambda t: t.seq, reverse=True):
                 queues[mk].appendleft(t)
-            charge(culprit, why)
+            if culprit is not None:
+                charge(culprit, why)
             with contextlib.suppress(Exception):
                 ray.kill(slot.actor)
             slot.deaths += 1
@@ -430,19 +544,59 @@ class SweepRunner:
             log.warning("an actor of %s died or was reset (%s); starting a new one (%d of %d)", configs[mk].model,
                         why, slot.deaths, retries.actor_restarts)
             self.manifest["actor_replacements"] = self.manifest.get("actor_replacements", 0) + 1
-            slot.actor, slot.completed = self._new_actor(ray, configs[mk]), 0
+            slot.renew(self._new_actor(ray, configs[mk]))
+
+        def model_done(mk: tuple) -> bool:
+            return (all(state[c.id] in ("finished", "failed") for c in plan.models[mk])
+                    and not any(s.inflight for s in groups[mk]))
+
+        def release(mk: tuple) -> None:
+            """Every cell of the model is done: let its actors go, so that the resources they hold
+            (a GPU) go to the models still waiting."""
+            queues[mk].clear()
+            for slot in groups[mk]:
+                if not slot.alive:
+                    continue
+                if slot.ready:
+                    try:
+                        released_infos.append(ray.get(slot.actor.info.remote(), timeout=10))
+                    except Exception as e:  # noqa: BLE001 - count what we can
+                        log.warning("actor info unavailable: %s", type(e).__name__)
+                with contextlib.suppress(Exception):
+                    ray.kill(slot.actor)
+                slot.alive, slot.released = False, True
+            if any(s.released for s in groups[mk]) and len(groups) > 1:
+                log.info("%s: all %d cell(s) done; its actor(s) released", configs[mk].model, len(plan.models[mk]))
+
+        def note_waiting() -> None:
+            """Say (once per wait) which models wait for resources another model's actors hold."""
+            need = actor_demand(self.sweep.resources)
+            free = ray.available_resources()
+            if fits(need, free):
+                return  # being placed, not waiting
+            for mk, slots in groups.items():
+                pending = [s for s in slots if s.alive and not s.ready and not s.waiting and _pending_creation(ray, s.actor)]
+                for s in pending:
+                    s.waiting = True
+                if pending and not any(s.ready for s in slots):
+                    log.warning("%s: waiting for resources: its actor needs %s, %s free now; it starts when "
+                                "another model's actors are released", configs[mk].model, _fmt_resources(need),
+                                _fmt_resources(free))
+                    prog.waiting(mk)
 
         def submit_ready() -> None:
             for mk, slots in groups.items():
                 q = queues[mk]
-                live = [s for s in slots if s.alive]
-                if not live:
+                if not any(s.alive for s in slots):
+                    last = next((s.last_error for s in slots if s.last_error), None)
                     while q:  # no actor left for this model: its work cannot be done
                         t = q.popleft()
                         t.tries = max(t.tries, 1)
-                        give_up(t, f"every actor of {configs[mk].model} died ({'; '.join(t.errors[-1:]) or 'no error'})")
+                        give_up(t, f"every actor of {configs[mk].model} died "
+                                   f"({'; '.join(t.errors[-1:]) or last or 'no error'})")
                     continue
-                while q:
+                live = [s for s in slots if s.alive and s.ready]
+                while q and live:
                     slot = min(live, key=lambda s: len(s.inflight))
                     if len(slot.inflight) >= MAX_INFLIGHT:
                         break
@@ -496,15 +650,37 @@ class SweepRunner:
 
         t_start = time.perf_counter()
         interrupted = False
+        next_look = 0.0  # when to look again for actors waiting on resources
         try:
             while True:
+                for mk in groups:
+                    if any(s.alive for s in groups[mk]) and model_done(mk):
+                        release(mk)
                 submit_ready()
                 inflight = {ref: (mk, slot, t) for mk, slots in groups.items() for slot in slots
                             for ref, t in slot.inflight}
-                if not inflight:
+                starting = {slot.ready_ref: (mk, slot) for mk, slots in groups.items() for slot in slots
+                            if slot.alive and not slot.ready and queues[mk]}
+                if not inflight and not starting:
                     break
-                ready, _ = ray.wait(list(inflight), num_returns=1, timeout=WAIT_S)
+                if starting and time.monotonic() >= next_look:
+                    note_waiting()
+                    next_look = time.monotonic() + 5.0
+                ready, _ = ray.wait([*inflight, *starting], num_returns=1, timeout=WAIT_S)
                 for ref in ready:
+                    if ref in starting:
+                        mk, slot = starting[ref]
+                        try:
+                            ray.get(ref)
+                        except Exception as e:  # noqa: BLE001 - it died starting (loading its model, say)
+                            replace_actor(mk, slot, None, f"actor lost while starting: {_one_line(e)}")
+                            self._save()
+                            continue
+                        slot.ready = True
+                        if slot.waiting:
+                            log.info("%s: an actor started (resources freed)", configs[mk].model)
+                            prog.waiting(mk, False)
+                        continue
                     mk, slot, task = inflight[ref]
                     if (ref, task) not in slot.inflight:
                         continue  # abandoned with a dead actor
@@ -531,10 +707,11 @@ class SweepRunner:
         finally:
             self.timings["tasks_s"] = time.perf_counter() - t_start
             prog.close()
-            infos = []
+            infos = released_infos
             for slots in groups.values():
                 for slot in slots:
-                    if slot.alive and not interrupted:  # busy actors would answer late: a Ctrl-C skips it
+                    # busy actors would answer late: a Ctrl-C skips it; one never started has nothing to say
+                    if slot.alive and slot.ready and not interrupted:
                         try:
                             infos.append(ray.get(slot.actor.info.remote(), timeout=10))
                         except Exception as e:  # noqa: BLE001 - a dead actor: count what we can
@@ -669,6 +846,24 @@ class SweepRunner:
                 log.warning("could not log the failure of cell %s to MLflow: %s", cell.id, _one_line(e))
         with contextlib.suppress(Exception):
             self._save()
+
+
+@contextlib.contextmanager
+def _sigint_clock(at: dict):
+    """While the sweep runs, a Ctrl-C is timed (``at["sigint"]``), then raised as KeyboardInterrupt
+    as usual. (Nothing is written from the handler: it may interrupt a write to the same stream.)"""
+    def handler(signum, frame):
+        at.setdefault("sigint", time.perf_counter())
+        raise KeyboardInterrupt
+
+    previous = None
+    with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+        previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 @contextlib.contextmanager
