@@ -211,13 +211,14 @@ class _Task:
 class _Slot:
     """One actor of a model's group, replaced when it dies, released when its model is done.
 
-    Tasks go only to a *ready* actor (placed and its model loaded): an actor still waiting for
-    resources holds no work, so the work never waits behind a slot that another model's actors
-    hold."""
+    Tasks go only to an actor Ray has placed (loading its model, or ready): an actor still waiting
+    for resources holds no work, so the work never waits behind a slot that another model's
+    actors hold."""
 
     actor: Any
     ready_ref: Any = None  # the actor's __ray_ready__ call: returns once it is placed and loaded
     ready: bool = False
+    placed: bool = False  # it has a process (loading its model): work may queue behind the load
     inflight: list = field(default_factory=list)  # [(ref, task)] in submission order
     deaths: int = 0
     alive: bool = True
@@ -227,7 +228,8 @@ class _Slot:
     last_error: str | None = None
 
     def renew(self, actor) -> None:
-        self.actor, self.ready_ref, self.ready, self.completed, self.waiting = actor, actor.__ray_ready__.remote(), False, 0, False
+        self.actor, self.ready_ref, self.completed = actor, actor.__ray_ready__.remote(), 0
+        self.ready = self.placed = self.waiting = False
 
 
 def _is_actor_loss(ray, e: BaseException) -> bool:
@@ -236,17 +238,17 @@ def _is_actor_loss(ray, e: BaseException) -> bool:
                           x.LocalRayletDiedError, x.ActorUnschedulableError))
 
 
-def _pending_creation(ray, actor) -> bool:
-    """Whether Ray has not placed ``actor`` yet (no node has the resources free): pending creation
-    and no process (a placed actor loading its model is pending creation too, with a pid). Read from
-    the GCS actor table (no dashboard needed); False where that is unavailable."""
+def _has_process(ray, actor) -> bool | None:
+    """Whether Ray has given ``actor`` a process (placed it: it is loading its model, or ready);
+    None where that cannot be read. From the GCS actor table (no dashboard needed): an actor
+    still waiting for resources is pending creation without a pid."""
     try:
         from ray._private import state
 
         entry = state.actors(actor_id=actor._actor_id.hex())
-        return entry.get("State") == "PENDING_CREATION" and not entry.get("Pid")
-    except Exception:  # noqa: BLE001 - a private API: without it, no message, the sweep goes on
-        return False
+        return entry.get("State") == "ALIVE" or bool(entry.get("Pid"))
+    except Exception:  # noqa: BLE001 - a private API: without it, work waits for the actor to be ready
+        return None
 
 
 def _needs_fresh_actor(e: BaseException) -> bool:
@@ -575,14 +577,23 @@ class SweepRunner:
             if fits(need, free):
                 return  # being placed, not waiting
             for mk, slots in groups.items():
-                pending = [s for s in slots if s.alive and not s.ready and not s.waiting and _pending_creation(ray, s.actor)]
+                if any(s.placed or s.ready for s in slots) or not any(
+                        s.placed or s.ready for k, ss in groups.items() if k != mk for s in ss):
+                    continue  # it is working, or nobody is yet (all still starting)
+                pending = [s for s in slots if s.alive and not s.waiting]
                 for s in pending:
                     s.waiting = True
-                if pending and not any(s.ready for s in slots):
+                if pending:
                     log.warning("%s: waiting for resources: its actor needs %s, %s free now; it starts when "
                                 "another model's actors are released", configs[mk].model, _fmt_resources(need),
                                 _fmt_resources(free))
                     prog.waiting(mk)
+
+        def placed(mk: tuple, slot: _Slot) -> None:
+            if not slot.placed and slot.waiting:
+                log.info("%s: an actor started (resources freed)", configs[mk].model)
+                prog.waiting(mk, False)
+            slot.placed = True
 
         def submit_ready() -> None:
             for mk, slots in groups.items():
@@ -595,7 +606,10 @@ class SweepRunner:
                         give_up(t, f"every actor of {configs[mk].model} died "
                                    f"({'; '.join(t.errors[-1:]) or last or 'no error'})")
                     continue
-                live = [s for s in slots if s.alive and s.ready]
+                for s in slots:
+                    if s.alive and not s.ready and not s.placed and q and _has_process(ray, s.actor):
+                        placed(mk, s)
+                live = [s for s in slots if s.alive and (s.ready or s.placed)]
                 while q and live:
                     slot = min(live, key=lambda s: len(s.inflight))
                     if len(slot.inflight) >= MAX_INFLIGHT:
@@ -677,9 +691,7 @@ class SweepRunner:
                             self._save()
                             continue
                         slot.ready = True
-                        if slot.waiting:
-                            log.info("%s: an actor started (resources freed)", configs[mk].model)
-                            prog.waiting(mk, False)
+                        placed(mk, slot)
                         continue
                     mk, slot, task = inflight[ref]
                     if (ref, task) not in slot.inflight:
@@ -700,6 +712,7 @@ class SweepRunner:
                         continue
                     slot.inflight.remove((ref, task))
                     slot.completed += 1
+                    slot.ready = True  # it answered: loaded
                     on_result(task, value)
         except KeyboardInterrupt:
             interrupted = True
