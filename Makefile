@@ -12,7 +12,7 @@ TORCH_INDEX ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.cwa-installed
 
-.PHONY: setup smoke test bench clean
+.PHONY: setup smoke test golden bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ smoke: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# the numbers of the working tree against the pre-redesign commit (benchmarks/golden_reference),
+# bit for bit, both run here (issue 16; a few minutes)
+golden: setup
+	$(BIN)/python -m benchmarks.golden check
 
 bench: setup
 	MALLOC_MMAP_THRESHOLD_=65536 $(BIN)/python -m benchmarks.topk
