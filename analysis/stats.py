@@ -330,28 +330,6 @@ def loglog_at(ks: Sequence[float], ratios: Sequence[float], k: float) -> float |
     return float(math.exp(math.log(r0) + f * (math.log(r1) - math.log(r0))))
 
 
-def chi_square_alike(a: dict, b: dict) -> dict:
-    """Chi-square test of homogeneity: do two count distributions over the same categories
-    (``a``, ``b``: category -> count) come from one distribution? Categories empty in both are
-    dropped; Cramér's V is the effect size (0 alike .. 1 disjoint)."""
-    from scipy import stats
-
-    cats = sorted({*a, *b}, key=str)
-    table = np.array([[float(a.get(c, 0)) for c in cats], [float(b.get(c, 0)) for c in cats]])
-    keep = table.sum(axis=0) > 0
-    table, cats = table[:, keep], [c for c, k in zip(cats, keep) if k]
-    out = {"test": "chi-square test of homogeneity (2 x categories, no continuity correction)",
-           "categories": [str(c) for c in cats], "chi2": None, "dof": None, "p_value": None, "cramers_v": None}
-    if table.shape[1] < 2 or (table.sum(axis=1) == 0).any():
-        out["note"] = "fewer than 2 non-empty categories or an empty distribution: nothing to test"
-        return out
-    chi2, p, dof, _ = stats.chi2_contingency(table, correction=False)
-    n = table.sum()
-    out.update(chi2=float(chi2), dof=int(dof), p_value=float(p), n=[float(x) for x in table.sum(axis=1)],
-               cramers_v=float(math.sqrt(chi2 / (n * (min(table.shape) - 1)))))
-    return out
-
-
 def jaccard_sorted(a: np.ndarray, b: np.ndarray) -> float:
     """|A ∩ B| / |A ∪ B| of two sorted arrays of unique ids; both empty: 1.0."""
     inter = np.intersect1d(a, b, assume_unique=True).size
