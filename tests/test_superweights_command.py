@@ -3,6 +3,7 @@ causal test, each cell's ranks under its own metric, the figure, MLflow."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import yaml
@@ -101,6 +102,8 @@ def test_a_sweep_studies_once_per_model_and_ranks_under_each_cells_metric(plante
         m = r.data.metrics  # the perplexities of the causal test, all candidates together
         assert m["super_weights_ppl_zeroed"] > 100 * m["super_weights_ppl_random"]
         assert m["super_weights_ppl_restored"] < m["super_weights_ppl_zeroed"] / 10
+        for k in ("ratio_zeroed", "ratio_random", "ratio_restored"):  # and as log10, for the charts
+            assert m[f"log10_super_weights_{k}"] == pytest.approx(math.log10(m[f"super_weights_{k}"]), rel=1e-12)
     from mlflow.tracking import MlflowClient
 
     arts = {a.path for a in MlflowClient(uri).list_artifacts(by["cell"][0].info.run_id, "plots")}

@@ -231,7 +231,9 @@ class Tracker:
                           "super_weights_ppl_zeroed": every.get("ppl_zeroed"),
                           "super_weights_ppl_random": random_ppl.get("mean") if isinstance(random_ppl, dict) else None,
                           "super_weights_ppl_restored": every.get("ppl_restored"),
-                          **{f"super_weights_{k}": every.get(k) for k in ("ratio_zeroed", "ratio_random", "ratio_restored")}})
+                          **{f"super_weights_{k}": every.get(k) for k in ("ratio_zeroed", "ratio_random", "ratio_restored")},
+                          **{f"log10_super_weights_{k}": log10_ratio(every.get(k))
+                             for k in ("ratio_zeroed", "ratio_random", "ratio_restored")}})
         self._log(run_id, params={**_flat(cell.settings), "cell_id": cell.id, "perturbation": cfg.perturb,
                                   "protocol": (result.get("protocol") or {}).get("name", cfg.protocol)},
                   metrics={"baseline_ppl": result["baseline"]["ppl"],
