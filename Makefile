@@ -12,7 +12,7 @@ TORCH_INDEX ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.cwa-installed
 
-.PHONY: setup smoke test golden bench clean
+.PHONY: setup smoke test test-fast golden bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ smoke: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# everyday work: every test not marked slow (no Ray sweeps, no whole-corpus perplexities; ~3 min
+# on 2 cores once the demo model is built); make test is the whole suite, and what CI runs
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
 
 # the numbers of the working tree against the pre-redesign commit (benchmarks/golden_reference),
 # bit for bit, both run here (issue 16; a few minutes)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from analysis.cross_model import AnalysisOptions, run_analysis
 from analysis.compare import CompareOptions
 from analysis.load import load_results
@@ -13,6 +15,7 @@ from synthetic_results import speed_study
 N_CELLS, ROWS_PER_CELL = 100, 3 * 500 * (32 * 9 + 1)  # seeds x K x tensors (+ the final norm)
 
 
+@pytest.mark.slow
 def test_reading_100_big_cells_takes_seconds(tmp_path):
     t0 = time.perf_counter()
     root = speed_study(tmp_path / "big", n_cells=N_CELLS)

@@ -220,6 +220,7 @@ def test_lean_loss_gives_nll_sums_gradient_bit_for_bit(dtype, chunk_rows, monkey
 
 
 
+@pytest.mark.slow
 def test_sweep_overhead_runs_both_ways_with_one_model_load(tmp_path, ray_local):
     from benchmarks import sweep_overhead
 

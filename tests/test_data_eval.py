@@ -27,6 +27,7 @@ def _full_corpus_ppl(stories, path, layout):
     return perplexity(model, split.eval_windows(), batch_size=16)
 
 
+@pytest.mark.slow
 def test_reference_perplexity_tinystories(assets, stories):
     """../shared/assets/README.md: 5.353 over 751 windows, BOS at each story."""
     r = _full_corpus_ppl(stories, TINYSTORIES, "document")
