@@ -42,14 +42,16 @@ def nll_sum(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     )
 
 
-def window_nll_sums(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """Summed next-token NLL of each window: (B, L, V), (B, L) -> (B,) float64, from float32
-    per-token losses (the same losses :func:`nll_sum` adds up, summed per row in float64)."""
+def nll_sums(logits: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(:func:`nll_sum`, the summed NLL of each window) from one float32 log-softmax: (B, L, V),
+    (B, L) -> (), (B,) float64. ``cross_entropy`` is ``nll_loss(log_softmax)``, so the total equals
+    :func:`nll_sum` bit for bit (tested); the per-window sums add the same per-token losses in float64."""
     b, _, v = logits.shape
-    per_token = F.cross_entropy(
-        logits[:, :-1].reshape(-1, v).float(), input_ids[:, 1:].reshape(-1), reduction="none"
-    )
-    return per_token.view(b, -1).double().sum(dim=1)
+    log_probs = F.log_softmax(logits[:, :-1].reshape(-1, v).float(), dim=-1)  # (B * (L-1), V)
+    targets = input_ids[:, 1:].reshape(-1)
+    total = F.nll_loss(log_probs, targets, reduction="sum")
+    per_token = F.nll_loss(log_probs, targets, reduction="none")
+    return total, per_token.view(b, -1).double().sum(dim=1)
 
 
 @torch.no_grad()
@@ -72,9 +74,8 @@ def perplexity(
     per_window = torch.zeros(n, dtype=torch.float64, device=device)  # (N,)
     for s in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, leave=False, unit="batch"):
         ids = windows[s : s + batch_size].to(device, non_blocking=True)
-        logits = logits_of(model, ids)
-        total += nll_sum(logits, ids).double()
-        per_window[s : s + ids.shape[0]] = window_nll_sums(logits, ids)
+        batch_total, per_window[s : s + ids.shape[0]] = nll_sums(logits_of(model, ids), ids)
+        total += batch_total.double()
     n_tokens = n * (length - 1)
     nll = total.item() / n_tokens
     return Perplexity(ppl_of_nll(nll), nll, n_tokens, n, length, tuple(per_window.tolist()))

@@ -78,3 +78,18 @@ def test_the_command_writes_window_nll_and_the_metric_flag(tmp_path):
     assert top["data_independent"] and top["interval_code"] == "windows"
     lo, hi = top["ci"]
     assert lo < top["geomean"] < hi
+
+
+@pytest.mark.parametrize("b,length,v", [(8, 64, 512), (3, 100, 1024), (4, 33, 32000)])
+def test_one_log_softmax_gives_nll_sum_bit_for_bit(b, length, v):
+    """nll_sums shares one log-softmax between the total and the per-window sums: the total must be
+    nll_sum's (cross_entropy's) to the last bit, the windows the per-token losses summed."""
+    from cwa_core.evaluate import nll_sum, nll_sums
+
+    g = torch.Generator().manual_seed(v)
+    logits = torch.randn(b, length, v, generator=g) * 3
+    ids = torch.randint(0, v, (b, length), generator=g)
+    total, windows = nll_sums(logits, ids)
+    assert total.item() == nll_sum(logits, ids).item()
+    per_token = F.cross_entropy(logits[:, :-1].reshape(-1, v), ids[:, 1:].reshape(-1), reduction="none")
+    assert torch.equal(windows, per_token.view(b, -1).double().sum(dim=1))
