@@ -63,6 +63,11 @@ def log10_ratio(v: float | None) -> float | None:
     return math.log10(float(v))
 
 
+def with_log10(ratios: dict[str, float | None]) -> dict[str, float | None]:
+    """The ratios as they are and each as ``log10_<name>`` (:func:`log10_ratio`), for MLflow."""
+    return {**ratios, **{f"log10_{k}": log10_ratio(v) for k, v in ratios.items()}}
+
+
 def _flat(settings: dict) -> dict[str, str]:
     return {k: (",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)) for k, v in settings.items()}
 
@@ -231,14 +236,12 @@ class Tracker:
                           "super_weights_ppl_zeroed": every.get("ppl_zeroed"),
                           "super_weights_ppl_random": random_ppl.get("mean") if isinstance(random_ppl, dict) else None,
                           "super_weights_ppl_restored": every.get("ppl_restored"),
-                          **{f"super_weights_{k}": every.get(k) for k in ("ratio_zeroed", "ratio_random", "ratio_restored")},
-                          **{f"log10_super_weights_{k}": log10_ratio(every.get(k))
-                             for k in ("ratio_zeroed", "ratio_random", "ratio_restored")}})
+                          **with_log10({f"super_weights_{k}": every.get(k)
+                                        for k in ("ratio_zeroed", "ratio_random", "ratio_restored")})})
         self._log(run_id, params={**_flat(cell.settings), "cell_id": cell.id, "perturbation": cfg.perturb,
                                   "protocol": (result.get("protocol") or {}).get("name", cfg.protocol)},
                   metrics={"baseline_ppl": result["baseline"]["ppl"],
-                           **{f"{k}_ppl_ratio_mean": v for k, v in means.items()},
-                           **{f"log10_{k}_ppl_ratio_mean": log10_ratio(v) for k, v in means.items()}, **extra})
+                           **with_log10({f"{k}_ppl_ratio_mean": v for k, v in means.items()}), **extra})
         maybe_fault("driver:mid_log", cell=cell.id)
         for r in result["results"]:
             child = self._run(f"{name}/{r['selection']}/seed{r['seed']}", run_id,
@@ -247,8 +250,8 @@ class Tracker:
                                      "topk": cfg.topk, "perturbation": cfg.perturb, "selection": r["selection"],
                                      "seed": r["seed"], "cell_id": cell.id,
                                      "ppl_status": r.get("ppl_status", finite_status(r["ppl"]))},
-                      metrics={"ppl": r["ppl"], "baseline_ppl": result["baseline"]["ppl"], "ppl_ratio": r["ppl_ratio"],
-                               "log10_ppl_ratio": log10_ratio(r["ppl_ratio"]), "nll": r["nll"]})
+                      metrics={"ppl": r["ppl"], "baseline_ppl": result["baseline"]["ppl"], "nll": r["nll"],
+                               **with_log10({"ppl_ratio": r["ppl_ratio"]})})
             self._end(child)
         self.client.log_artifacts(run_id, str(cell_dir))
         self._end(run_id)
