@@ -21,10 +21,6 @@ from cwa_core.superweights import (
     Coordinate,
     LayerTrace,
     SuperWeightOptions,
-    _down_proj_refs,
-    _LayerPass,
-    _propose,
-    _Spikes,
     causal_test,
     detect_super_weights,
     down_proj_shapes,
@@ -34,6 +30,8 @@ from cwa_core.superweights import (
     registry_entries,
     super_weights_report,
 )
+from cwa_core.superweights.detection import _propose
+from cwa_core.superweights.plumbing import _down_proj_refs, _LayerPass, _Spikes
 from conftest import STORIES, TINYSTORIES
 from test_plots import assert_real_png
 from tiny_models import TINY_TYPES, tiny_config, tiny_model
