@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from benchmarks import common, gpu_8b, gradient_memory, perturb, topk
-from cwa_core import metrics, selection
+from cwa_core import backward, metrics, selection
 from cwa_core.architectures import ParamRef, decoder_layers, scored_params
 from tiny_models import tiny_model
 
@@ -204,13 +204,13 @@ def test_lean_loss_gives_nll_sums_gradient_bit_for_bit(dtype, chunk_rows, monkey
     g = torch.Generator().manual_seed(0)
     b, length, v = 3, 11, 1000
     if chunk_rows:
-        monkeypatch.setattr(metrics, "_LOSS_CHUNK", chunk_rows * v)
+        monkeypatch.setattr(backward, "_LOSS_CHUNK", chunk_rows * v)
     x = (torch.randn(b, length, v, generator=g) * 3).to(dtype)
     ids = torch.randint(0, v, (b, length), generator=g)
     grads, losses = [], []
     for lean in (True, False):
         leaf = x.clone().requires_grad_(True)
-        loss = metrics._nll_sum(leaf * 1, ids, lean) / (b * (length - 1))  # * 1: logits are not leaves
+        loss = backward._nll_sum(leaf * 1, ids, lean) / (b * (length - 1))  # * 1: logits are not leaves
         loss.backward()
         grads.append(leaf.grad)
         losses.append(loss.item())
