@@ -1,8 +1,9 @@
 """Figure of a super-weight hunt: each layer's largest |down-projection output|, round by round.
 
 Reads the ``super_weights.json`` dict (:func:`cwa_core.superweights.super_weights_report`), so
-the figure can be redrawn from the file alone. Same conventions as :mod:`cwa_core.plots`: Agg
-backend, Okabe-Ito colours, and markers plus line styles so that rounds stay apart in grayscale.
+the figure can be redrawn from the file alone. Same conventions as :mod:`cwa_core.plots` (style
+from :mod:`cwa_core.plots.style`): Agg backend, Okabe-Ito colours, and markers plus line styles so
+that rounds stay apart in grayscale.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Any
 import matplotlib.pyplot as plt
 import numpy as np
 
-from .plots import _OKABE_ITO, _STYLE, _save
+from .plots.style import _OKABE_ITO, _STYLE, _save
 
 __all__ = ["plot_super_weight_spikes"]
 

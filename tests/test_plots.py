@@ -11,6 +11,7 @@ import pytest
 from matplotlib.text import Text
 
 from cwa_core import plots
+from cwa_core.plots import style as plot_style
 from cwa_core.architectures import scored_params
 from cwa_core.experiment import score_seed
 from cwa_core.metrics import ScoreOptions
@@ -136,13 +137,13 @@ def assert_real_png(path: Path, min_px: int = 300) -> np.ndarray:
 def capture_figures(monkeypatch: pytest.MonkeyPatch) -> list:
     """Every figure the plot functions save, in order (closed, but still inspectable)."""
     figs: list = []
-    real = plots._save
+    real = plot_style._save
 
     def spy(fig, path):
         figs.append(fig)
         return real(fig, path)
 
-    monkeypatch.setattr(plots, "_save", spy)
+    monkeypatch.setattr(plot_style, "_save", spy)
     return figs
 
 

@@ -1,0 +1,217 @@
+"""The perturbation figure: mean perplexity ratio per selection, every seed shown.
+
+Part of :mod:`cwa_core.plots`; see its docstring for the conventions every figure follows.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+
+from . import style
+from .style import (
+    _OKABE_ITO, NAN_LABEL, _num, _plural, _seeds_caption, _sorted_seeds, _figure, _fmt, _note_below,
+)
+
+log = logging.getLogger(__name__)
+
+
+_SELECTION_ORDER = ("top_k", "random_k", "bottom_k")
+_SELECTION_LABELS = {"top_k": "top-K", "random_k": "random-K", "bottom_k": "bottom-K"}
+_SELECTION_COLORS = {
+    "top_k": _OKABE_ITO["vermillion"],
+    "random_k": _OKABE_ITO["blue"],
+    "bottom_k": _OKABE_ITO["green"],
+}
+_INF_HATCH = "//"
+INF_LABEL = "inf (overflow)"  # label of a bar whose perplexity overflowed
+
+
+def _method_label(perturbation: Mapping[str, Any] | None) -> str:
+    if not perturbation:
+        return "perturbation"
+    label = str(perturbation.get("method") or "perturbation")
+    extras = [f"{k}={perturbation[k]}" for k in ("scale", "bit")
+              if perturbation.get(k) is not None]
+    return f"{label} ({', '.join(extras)})" if extras else label
+
+
+def _ratio_label(ratio: float) -> str:
+    """Bar label of a mean perplexity ratio, precise enough to show tiny effects."""
+    if ratio >= 1000:
+        return f"{ratio:.3g}x"
+    if ratio >= 100:
+        return f"{ratio:.0f}x"
+    if ratio >= 10:
+        return f"{ratio:.1f}x"
+    return f"{ratio:.3f}x"
+
+
+def _row_ratio(row: Mapping[str, Any], base_ppl: float) -> float:
+    """The perplexity ratio of one result row, in memory or from JSON.
+
+    A number is taken as it is (inf and NaN included). A JSON ``null`` is read through
+    ``ppl_status``: "inf" is inf, "nan" NaN; "finite" (or no status) divides ``ppl`` by the
+    baseline when both are there. Anything else (a null with nothing to read it by) is NaN.
+    """
+    ratio = row.get("ppl_ratio")
+    if ratio is not None:
+        return float(ratio)
+    status = row.get("ppl_status")
+    if status == "inf":
+        return math.inf if not math.isinf(base_ppl) else math.nan
+    if status == "nan":
+        return math.nan
+    ppl = _num(row.get("ppl"))
+    if math.isfinite(ppl) and math.isfinite(base_ppl) and base_ppl > 0:
+        return ppl / base_ppl
+    log.warning("plot_perturbation_effects: no perplexity ratio to read in %s; drawn as NaN", dict(row))
+    return math.nan
+
+
+def _ratio_groups(rows: Sequence[Mapping[str, Any]], base_ppl: float) -> dict[str, list[tuple[Any, float]]]:
+    groups: dict[str, list[tuple[Any, float]]] = {}
+    for r in rows:
+        v = _row_ratio(r, base_ppl)
+        if math.isinf(v) and v < 0:
+            v = math.nan  # a ratio of perplexities is never -inf: undefined
+        groups.setdefault(str(r.get("selection")), []).append((r.get("seed"), v))
+    return groups
+
+
+def plot_perturbation_effects(results: Mapping[str, Any], path: str | Path) -> Path:
+    """Bar chart of the mean perplexity ratio per selection (top/random/bottom-K), every seed shown.
+
+    ``results`` is the content of ``perturbation_results.json`` (``null`` ratios read through
+    each row's ``ppl_status``) or the same dict in memory (inf and NaN floats). Error bars span
+    the min..max over the finite seeds, each seed is a dot, a dashed line marks the unperturbed
+    baseline (ratio 1); the y axis is logarithmic when every finite ratio is positive and the
+    largest exceeds the smallest by more than 20x (ratios below 1 stay in view).
+    Non-finite perplexities are drawn, never dropped: a selection with an infinite seed has an
+    infinite mean, a hatched bar to the top of the axis labelled "inf (overflow)" (its inf seeds
+    as triangles at the top); a NaN seed is a cross at the baseline marked "NaN" and is left
+    out of its bar's mean. The title counts the non-finite runs. Raises ValueError only when
+    there is no result row.
+    """
+    if not results or not results.get("results"):
+        raise ValueError("plot_perturbation_effects: no entries in results['results']")
+    base_ppl = _num((results.get("baseline") or {}).get("ppl"))
+    groups = _ratio_groups(results["results"], base_ppl)
+    order = [s for s in _SELECTION_ORDER if s in groups]
+    order += sorted(set(groups).difference(_SELECTION_ORDER))
+    vals = {s: np.array([v for _, v in groups[s]], dtype=np.float64) for s in order}
+    fin = {s: v[np.isfinite(v)] for s, v in vals.items()}
+    n_inf = {s: int(np.isposinf(v).sum()) for s, v in vals.items()}
+    n_nan = {s: int(np.isnan(v).sum()) for s, v in vals.items()}
+    all_fin = np.concatenate(list(fin.values()))
+    use_log = bool(all_fin.size and all_fin.min() > 0 and all_fin.max() / all_fin.min() > 20.0)
+    any_inf, any_nan = sum(n_inf.values()), sum(n_nan.values())
+    n_runs = sum(v.size for v in vals.values())
+
+    metric = results.get("metric", "score")
+    mode = results.get("mode")
+    title = (f"{metric}: {_method_label(results.get('perturbation'))} of K={results.get('topk', '?')}"
+             f" weights" + (f" ({mode})" if mode else ""))
+    if results.get("baseline"):
+        title += f"\nbaseline perplexity {_fmt(base_ppl)}"
+        if results.get("window_length") is not None:
+            title += f" (window {results['window_length']} tokens"
+            if results.get("eval_tokens"):
+                title += f", {int(results['eval_tokens']):,} eval tokens"
+            title += ")"
+    seeds = _sorted_seeds({seed for g in groups.values() for seed, _ in g if seed is not None})
+    if seeds:
+        title += f"; {_seeds_caption(seeds, len(seeds))}"
+    if any_inf or any_nan:
+        bad = ", ".join(p for p in (f"{any_inf} inf" if any_inf else "", f"{any_nan} NaN" if any_nan else "") if p)
+        title += (f"\nall {n_runs} runs non-finite ({bad})" if any_inf + any_nan == n_runs
+                  else f"\nnon-finite: {any_inf + any_nan} of {n_runs} runs ({bad})")
+
+    fin_max = float(all_fin.max()) if all_fin.size else 1.0
+    if use_log:
+        bottom = min(float(all_fin.min()), 1.0) / 1.5
+        top = max(fin_max, 1.0) * (8.0 if any_inf else 2.5)
+    else:
+        bottom = 0.0
+        top = max(fin_max, 1.0) * (1.45 if any_inf else 1.18)
+        if not all_fin.size:
+            top = 2.0
+
+    rng = np.random.default_rng(0)  # deterministic jitter
+    x = np.arange(len(order))
+    with _figure(figsize=(max(5.5, 1.6 * len(order) + 2.5), 5.0)) as (fig, ax):
+        if use_log:
+            ax.set_yscale("log")
+        ax.set_ylim(bottom, top)
+        for xi, s in zip(x, order):
+            color = _SELECTION_COLORS.get(s, _OKABE_ITO["purple"])
+            f = fin[s]
+            if n_inf[s]:  # the mean over seeds is inf: the bar fills the axis, hatched
+                ax.bar(xi, top - bottom, bottom=bottom, width=0.6, color=color, alpha=0.35,
+                       hatch=_INF_HATCH, edgecolor="black", linewidth=0.8, zorder=2, gid=f"bar:{s}")
+                ax.text(xi, bottom + 0.93 * (top - bottom) if not use_log else top / 1.35,
+                        f"{INF_LABEL}\n{n_inf[s]} of {vals[s].size} seeds", ha="center", va="top",
+                        fontsize=9, zorder=5,
+                        bbox={"boxstyle": "round,pad=0.25", "facecolor": "white", "edgecolor": "none"})
+                ax.scatter(np.full(n_inf[s], xi) + _jitter(rng, n_inf[s]),
+                           np.full(n_inf[s], 0.985), transform=ax.get_xaxis_transform(), marker="^",
+                           s=40, color="white", edgecolor="black", linewidth=0.9, zorder=5, clip_on=False)
+            elif f.size:
+                mean = min(max(float(f.mean()), float(f.min())), float(f.max()))  # ulp-safe
+                ax.bar(xi, mean, width=0.6, color=color, alpha=0.75, edgecolor="black",
+                       linewidth=0.8, zorder=2, gid=f"bar:{s}")
+                ax.errorbar([xi], [mean], yerr=[[mean - f.min()], [f.max() - mean]], fmt="none",
+                            ecolor="black", elinewidth=1.3, capsize=6, zorder=3)
+                y = float(f.max()) * 1.12 if use_log else float(f.max()) + 0.03 * top
+                label = _ratio_label(mean) + (f"\nmean of {f.size}" if n_nan[s] else "")
+                ax.text(xi, y, label, ha="center", va="bottom", fontsize=10, zorder=5)
+            if f.size:
+                ax.scatter(xi + _jitter(rng, f.size), f, s=26, color="white", edgecolor="black",
+                           linewidth=0.9, zorder=4)
+            if n_nan[s]:
+                ax.scatter([xi], [1.0], marker="x", s=60, color="black", linewidth=1.6, zorder=5)
+                ax.annotate(f"{NAN_LABEL}" + (f" x{n_nan[s]}" if n_nan[s] > 1 else ""),
+                            xy=(xi, 1.0), xytext=(7, 4), textcoords="offset points",
+                            fontsize=10, fontweight="bold", zorder=6)
+        ax.axhline(1.0, color="0.25", linestyle="--", linewidth=1.2, zorder=1)
+        labels = []
+        for s in order:
+            extra = [f"{n_inf[s]} inf" if n_inf[s] else "", f"{n_nan[s]} NaN" if n_nan[s] else ""]
+            extra = [e for e in extra if e]
+            labels.append(f"{_SELECTION_LABELS.get(s, s)}\n(n={_plural(vals[s].size, 'seed')}"
+                          + (f", {', '.join(extra)})" if extra else ")"))
+        ax.set_xticks(x)
+        ax.set_xticklabels(labels)
+        ax.set_xlim(-0.6, len(order) - 0.4)
+        ax.set_ylabel("perplexity ratio (perturbed / baseline" + (", log scale)" if use_log else ")"))
+        ax.set_xlabel("weights perturbed")
+        ax.grid(True, axis="y", which="major", alpha=0.3, zorder=0)
+        handles: list[Any] = [Line2D([], [], color="0.25", linestyle="--", label="baseline (ratio 1)")]
+        if all_fin.size:
+            handles += [Line2D([], [], marker="o", linestyle="none", markerfacecolor="white",
+                               markeredgecolor="black", label="individual seed"),
+                        Line2D([], [], color="black", marker="_", markersize=10, linewidth=1.3,
+                               label="min-max over seeds")]
+        if any_inf:
+            handles.append(Patch(facecolor="white", edgecolor="black", hatch=_INF_HATCH,
+                                 label=f"{INF_LABEL}: {any_inf} seed{'s' if any_inf > 1 else ''}"))
+        if any_nan:
+            handles.append(Line2D([], [], marker="x", linestyle="none", color="black",
+                                  label=f"{NAN_LABEL}: {any_nan} seed{'s' if any_nan > 1 else ''}"))
+        ax.legend(handles=handles, frameon=True, framealpha=0.9, edgecolor="none",
+                  loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        missing = [_SELECTION_LABELS[s] for s in _SELECTION_ORDER if s not in groups]
+        if missing:
+            _note_below(ax, f"not in these results: {', '.join(missing)}")
+        ax.set_title(title)
+        return style._save(fig, path)  # looked up at call time: tests spy on it
+
+
+def _jitter(rng: np.random.Generator, n: int) -> np.ndarray | float:
+    return rng.uniform(-0.13, 0.13, size=n) if n > 1 else 0.0
