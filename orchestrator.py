@@ -50,63 +50,9 @@ def _str_list(text: str) -> list[str]:
 
 
 def build_parser() -> OneLineParser:
-    from cwa_core.architectures import DEFAULT_PARAM_TYPES
-    from cwa_core.config import DTYPES
-    from cwa_core.data import BOS_LAYOUTS, PROTOCOLS
-    from cwa_core.metrics import METRICS
-    from cwa_core.perturb import PERTURBATIONS
-    from cwa_core.selection import MODES
-    from cwa_core.superweights import SuperWeightOptions as SW
-
     p = OneLineParser(prog="orchestrator.py", description=__doc__.split("\n")[0],
                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", help="Hugging Face id or local directory")
-    p.add_argument("--metric", choices=METRICS.names(), help="sensitivity metric")
-    p.add_argument("--topk", type=int, help="K weights to select (per tensor or global)")
-    p.add_argument("--mode", default="per_layer", choices=list(MODES))
-    p.add_argument("--max-samples", type=int, default=30, help="calibration windows")
-    p.add_argument("--max-length", type=int, default=128, help="tokens per calibration window")
-    p.add_argument("--eval-samples", type=int, default=None,
-                   help="evaluation windows (protocol heldout: the last N of the evaluation text, default 64)")
-    p.add_argument("--eval-length", type=int, default=None,
-                   help="tokens per evaluation window (default: heldout --max-length; published min(2048, context))")
-    p.add_argument("--protocol", default="heldout", choices=list(PROTOCOLS),
-                   help="how perplexity is measured: heldout (quick, held-out tail) or published (whole test "
-                        "text, calibration from a training text; comparable with the literature)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--dtype", default="auto", choices=list(DTYPES))
-    p.add_argument("--perturb", default="sign_flip", choices=PERTURBATIONS.names())
-    p.add_argument("--perturb-scale", type=float, default=None, help="gauss_noise: relative std; scale: factor")
-    p.add_argument("--perturb-bit", type=int, default=None, help="bit_flip: bit index (default exponent MSB)")
-    p.add_argument("--controls", type=_str_list, default="random_k,bottom_k", help="comma-separated: random_k,bottom_k")
-    p.add_argument("--seeds", type=_int_list, default="0", help="comma-separated seeds")
-    p.add_argument("--stability-check", action="store_true", help="Jaccard/Spearman across seeds")
-    p.add_argument("--save-plots", action="store_true")
-    p.add_argument("--data-file", help="calibration text (default: WikiText-2 test via datasets)")
-    p.add_argument("--eval-file", help="evaluation text (default: held-out tail of the calibration text)")
-    p.add_argument("--bos", default="window", choices=list(BOS_LAYOUTS),
-                   help="protocol heldout: BOS at each window start (one stream) or at each blank-line-separated "
-                        "document (published always takes the tokenizer's own special tokens, once per text)")
-    p.add_argument("--param-types", type=_str_list, default=",".join(DEFAULT_PARAM_TYPES),
-                   help="comma-separated from attention,mlp,norm,embedding,lm_head")
-    p.add_argument("--hutchinson-probes", type=int, default=16)
-    p.add_argument("--micro-batch", type=int, default=None, help="calibration windows per forward pass")
-    p.add_argument("--eval-batch-size", type=int, default=8)
-    p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
-    p.add_argument("--hf-id", default=None,
-                   help="the Hugging Face id of a local model copy (published super weights are matched on it)")
-    sw = p.add_argument_group("super weights (activation-spike detection, causal test, ranks under --metric)")
-    sw.add_argument("--detect-super-weights", action="store_true", help="write super_weights.json and its figure")
-    sw.add_argument("--super-out-ratio", type=float, default=SW.out_ratio,
-                    help="down-projection |output| spike over its layer's median")
-    sw.add_argument("--super-in-ratio", type=float, default=SW.in_ratio,
-                    help="down-projection |input| spike over its layer's median")
-    sw.add_argument("--super-out-floor", type=float, default=SW.out_floor, help="absolute floor of the output spike")
-    sw.add_argument("--super-in-floor", type=float, default=SW.in_floor, help="absolute floor of the input spike")
-    sw.add_argument("--super-max-rounds", type=int, default=SW.max_rounds, help="zero what was found, look again")
-    sw.add_argument("--super-windows", type=int, default=8, help="prompts: the first N held-out evaluation windows")
-    sw.add_argument("--super-prompt", default=None, help="or one prompt text (the published method)")
-    p.add_argument("--trust-remote-code", action="store_true")
+    _experiment_flags(p)
     p.add_argument("--out-dir", help="output folder (with --sweep: results root, default results/<name>)")
     p.add_argument("--sweep", help="YAML sweep file: run its whole grid on Ray")
     p.add_argument("--dry-run", action="store_true", help="with --sweep: print the cell table, start nothing")
@@ -117,6 +63,28 @@ def build_parser() -> OneLineParser:
     p.add_argument("--overwrite", action="store_true", help="replace an experiment already in --out-dir")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
+
+
+def _experiment_flags(p: OneLineParser) -> None:
+    """One flag per declared setting (``cwa_core.config``): its type, default, choices and help
+    come from the declaration, grouped by section."""
+    from cwa_core.config import declared, defaults, value_types
+
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    types, default = value_types(), defaults()
+    for name, s in declared():
+        if not s.flag:
+            continue
+        g = groups.get(s.section) or groups.setdefault(s.section, p.add_argument_group(f"{s.section} settings"))
+        vt = types[name]
+        if vt.types == (bool,):
+            g.add_argument(flag(name), action="store_true", help=s.help)
+        elif vt.is_list:
+            g.add_argument(flag(name), type=_int_list if vt.item is int else _str_list,
+                           default=",".join(map(str, default[name])), help=s.help)
+        else:
+            g.add_argument(flag(name), type=vt.item, default=default.get(name), help=s.help,
+                           choices=s.choices() if s.choices is not None else None)
 
 
 def flag(key: str) -> str:

@@ -1,9 +1,21 @@
-"""The settings of one experiment, validated once; errors name the setting and what is allowed."""
+"""The settings of one experiment, declared once; errors name the setting and what is allowed.
+
+Each field of :class:`ExperimentConfig` is declared with :func:`setting`: its default, its section,
+its help line, which shared work it affects (``passes``) and its own check. Everything else is
+derived from these declarations: the command's flags (``orchestrator.build_parser``), the sweep
+file's keys and their types (:func:`sweep_keys`), and the keys under which sweep cells share work
+(:func:`pass_fields`, used by ``cwa_core.sweep.plan``). Adding a setting is one declaration here
+and the code that uses it.
+"""
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields, replace
+import types
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from functools import cache
 from pathlib import Path
+from typing import Any, Callable
 
 from .architectures import PARAM_TYPES, DEFAULT_PARAM_TYPES
 from .data import BOS_LAYOUTS, PROTOCOLS
@@ -16,6 +28,14 @@ from .superweights import SuperWeightOptions
 CONTROLS = ("random_k", "bottom_k")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
+SECTIONS = ("model", "data", "scoring", "perturbation", "super weights", "output")
+# The shared work a setting decides (cwa_core.sweep.plan): the loaded model; the data split (tokenized
+# corpora, windows: it also decides every pass below); the baseline evaluation; a scoring pass; a
+# super-weight study (its settings also key the scoring pass that ranks its candidates); or only the
+# cell's own work (its selections and their evaluations, its outputs), never shared. Every setting
+# names at least one: a setting that changes shared work but keys none of it would make cells that
+# differ in it silently share a pass.
+PASSES = ("model", "data", "eval", "score", "study", "cell")
 
 
 class ConfigError(ValueError):
@@ -26,47 +46,186 @@ class ConfigError(ValueError):
         self.key = key
 
 
+Check = Callable[[Any], "str | None"]  # a value -> what is wrong with it (None: nothing)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What :func:`setting` declares about one field (the field's ``metadata["setting"]``)."""
+
+    section: str
+    help: str
+    passes: tuple[str, ...] = ()
+    choices: Callable[[], list[str]] | None = None  # allowed values, checked (and offered by the command)
+    check: Check | None = None  # the field's own rule beyond its type and choices
+    flag: bool = True  # a flag of the single command
+    sweep: bool = True  # a key of sweep files
+
+
+def setting(default: Any = MISSING, *, section: str, help: str, passes: tuple[str, ...] = (),
+            choices: Callable[[], list[str]] | None = None, check: Check | None = None,
+            flag: bool = True, sweep: bool = True):
+    """A dataclass field of :class:`ExperimentConfig` with its declaration."""
+    assert section in SECTIONS and passes and set(passes) <= set(PASSES), (section, passes)
+    meta = {"setting": Setting(section, help, tuple(passes), choices, check, flag, sweep)}
+    return field(default=default, metadata=meta)
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _positive(v: object) -> str | None:
+    return None if v is None or (_is_int(v) and v > 0) else f"must be a positive integer, got {v!r}"
+
+
+def _window(v: object) -> str | None:
+    return _positive(v) or (None if v is None or v >= 2 else "windows need at least 2 tokens")
+
+
+def _at_least_one(v: object) -> str | None:
+    return None if _is_int(v) and v >= 1 else f"must be a positive integer, got {v!r}"
+
+
+def _nonnegative(v: object) -> str | None:
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+    return None if ok else f"must be a finite number >= 0, got {v!r}"
+
+
+def _finite_or_none(v: object) -> str | None:
+    ok = v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))
+    return None if ok else f"must be a finite number, got {v!r}"
+
+
+def _text_file(v: object) -> str | None:
+    if v is None:
+        return None
+    if not isinstance(v, str) or not v:
+        return f"expected a file path, got {v!r}"
+    if v != BUILTIN and Path(v).is_dir():
+        return f"{v!r} is a directory; expected a UTF-8 text file"
+    if v != BUILTIN and not Path(v).is_file():
+        return f"no such file {v!r}"
+    return None
+
+
+def _model(v: object) -> str | None:
+    return None if isinstance(v, str) and v else "a Hugging Face id or a local directory is required"
+
+
+def _hf_id(v: object) -> str | None:
+    ok = v is None or (isinstance(v, str) and "/" in v)
+    return None if ok else f"expected a Hugging Face id like org/name, got {v!r}"
+
+
+def _device(v: object) -> str | None:
+    ok = v in DEVICES or str(v).startswith("cuda:")
+    return None if ok else f"unknown {v!r}; allowed: {', '.join(DEVICES)} (or cuda:N)"
+
+
+def _seeds(v: tuple) -> str | None:
+    if not (len(v) > 0 and all(_is_int(s) and s >= 0 for s in v)):
+        return f"must be non-negative integers, got {list(v)!r}"
+    return "a seed is listed twice" if len(set(v)) != len(v) else None
+
+
+def _controls(v: tuple) -> str | None:
+    return "a control is listed twice" if len(set(v)) != len(v) else None
+
+
+def _param_types(v: tuple) -> str | None:
+    return "at least one parameter type" if len(v) == 0 else None
+
+
+def _prompt(v: object) -> str | None:
+    return None if v is None or (isinstance(v, str) and v.strip() != "") else "must be a non-empty text"
+
+
+_SW = SuperWeightOptions
+
+
 @dataclass(frozen=True)
 class ExperimentConfig:
-    model: str
-    metric: str
-    topk: int
-    out_dir: str | None = None
-    mode: str = "per_layer"
-    max_samples: int = 30  # calibration windows
-    max_length: int = 128  # tokens per calibration window
-    eval_samples: int | None = None  # evaluation windows (the last of the eval text); None: the protocol's
-    eval_length: int | None = None  # tokens per evaluation window; None: the protocol's default
-    protocol: str = "heldout"  # how perplexity is measured: data.PROTOCOLS
-    device: str = "auto"
-    dtype: str = "auto"
-    perturb: str = "sign_flip"
-    perturb_scale: float | None = None
-    perturb_bit: int | None = None
-    controls: tuple[str, ...] = CONTROLS
-    seeds: tuple[int, ...] = (0,)
-    stability_check: bool = False
-    save_plots: bool = False
-    data_file: str | None = None
-    eval_file: str | None = None
-    bos: str = "window"
-    param_types: tuple[str, ...] = DEFAULT_PARAM_TYPES
-    hutchinson_probes: int = 16
-    micro_batch: int | None = None
-    eval_batch_size: int = 8
-    stability_sample: int = 10_000
-    revision: str | None = None
-    trust_remote_code: bool = False
-    hf_id: str | None = None  # the Hub id of a local copy (published super weights are matched on it)
-    # super weights (cwa_core.superweights): detection, causal test, ranks under the metric
-    detect_super_weights: bool = False
-    super_out_ratio: float = SuperWeightOptions.out_ratio
-    super_in_ratio: float = SuperWeightOptions.in_ratio
-    super_out_floor: float = SuperWeightOptions.out_floor
-    super_in_floor: float = SuperWeightOptions.in_floor
-    super_max_rounds: int = SuperWeightOptions.max_rounds
-    super_windows: int = 8  # prompts: the first held-out evaluation windows
-    super_prompt: str | None = None  # or one prompt, as in the published method
+    model: str = setting(section="model", help="Hugging Face id or local directory", passes=("model",),
+                         check=_model)
+    metric: str = setting(section="scoring", help="sensitivity metric", passes=("score",),
+                          choices=lambda: METRICS.names())
+    topk: int = setting(section="scoring", help="K weights to select (per tensor or global)", passes=("cell",),
+                        check=_positive)
+    mode: str = setting("per_layer", section="scoring", help="top K per tensor, or over the whole model",
+                        passes=("cell",), choices=lambda: list(MODES))
+    perturb: str = setting("sign_flip", section="perturbation", help="what is done to the selected weights",
+                           passes=("cell",), choices=lambda: PERTURBATIONS.names())
+    perturb_scale: float | None = setting(None, section="perturbation", passes=("cell",), check=_finite_or_none,
+                                          help="gauss_noise: relative std; scale: factor")
+    perturb_bit: int | None = setting(None, section="perturbation", passes=("cell",),
+                                      help="bit_flip: bit index (default exponent MSB)")
+    controls: tuple[str, ...] = setting(CONTROLS, section="perturbation", help="comma-separated: random_k,bottom_k",
+                                        passes=("cell",), choices=lambda: list(CONTROLS), check=_controls)
+    seeds: tuple[int, ...] = setting((0,), section="scoring", help="comma-separated seeds", passes=("cell",),
+                                     check=_seeds)
+    max_samples: int = setting(30, section="data", help="calibration windows", passes=("score",), check=_positive)
+    max_length: int = setting(128, section="data", help="tokens per calibration window", passes=("data",),
+                              check=_window)
+    eval_samples: int | None = setting(None, section="data", passes=("data",), check=_positive,
+                                       help="evaluation windows (protocol heldout: the last N of the evaluation "
+                                            "text, default 64)")
+    protocol: str = setting("heldout", section="data", passes=("data",), choices=lambda: list(PROTOCOLS),
+                            help="how perplexity is measured: heldout (quick, held-out tail) or published (whole "
+                                 "test text, calibration from a training text; comparable with the literature)")
+    eval_length: int | None = setting(None, section="data", passes=("data",), check=_window,
+                                      help="tokens per evaluation window (default: heldout --max-length; published "
+                                           "min(2048, context))")
+    data_file: str | None = setting(None, section="data", passes=("data",), check=_text_file,
+                                    help="calibration text (default: WikiText-2 test via datasets)")
+    eval_file: str | None = setting(None, section="data", passes=("data",), check=_text_file,
+                                    help="evaluation text (default: held-out tail of the calibration text)")
+    dtype: str = setting("auto", section="model", help="weights' dtype", passes=("model",),
+                         choices=lambda: list(DTYPES))
+    device: str = setting("auto", section="model", help="auto, cpu, cuda or cuda:N", passes=("model",),
+                          check=_device)
+    stability_check: bool = setting(False, passes=("cell",), section="output", help="Jaccard/Spearman across seeds")
+    save_plots: bool = setting(False, passes=("cell",), section="output", help="write the figures")
+    bos: str = setting("window", section="data", passes=("data",), choices=lambda: list(BOS_LAYOUTS),
+                       help="protocol heldout: BOS at each window start (one stream) or at each blank-line-separated "
+                            "document (published always takes the tokenizer's own special tokens, once per text)")
+    param_types: tuple[str, ...] = setting(DEFAULT_PARAM_TYPES, section="scoring", passes=("score",),
+                                           choices=lambda: list(PARAM_TYPES), check=_param_types,
+                                           help="comma-separated from attention,mlp,norm,embedding,lm_head")
+    hutchinson_probes: int = setting(16, section="scoring", help="hutchinson: random probes per window",
+                                     passes=("score",), check=_positive)
+    micro_batch: int | None = setting(None, section="scoring", help="calibration windows per forward pass",
+                                      passes=("score",), check=_positive)
+    eval_batch_size: int = setting(8, section="data", help="evaluation windows per forward pass", passes=("eval",),
+                                   check=_positive)
+    revision: str | None = setting(None, section="model", help="hub revision (branch, tag or commit)",
+                                   passes=("model",))
+    trust_remote_code: bool = setting(False, section="model", help="run the model repository's own code",
+                                      passes=("model",))
+    stability_sample: int = setting(10_000, section="scoring", passes=("score",), check=_positive,
+                                    help="weights sampled for the Spearman rank correlation across seeds")
+    hf_id: str | None = setting(None, section="model", passes=("study",), check=_hf_id,
+                                help="the Hugging Face id of a local model copy (published super weights are "
+                                     "matched on it)")
+    # super weights (cwa_core.superweights): activation-spike detection, causal test, ranks under the metric
+    detect_super_weights: bool = setting(False, section="super weights", passes=("study",),
+                                         help="write super_weights.json and its figure")
+    super_out_ratio: float = setting(_SW.out_ratio, section="super weights", passes=("study",), check=_nonnegative,
+                                     help="down-projection |output| spike over its layer's median")
+    super_in_ratio: float = setting(_SW.in_ratio, section="super weights", passes=("study",), check=_nonnegative,
+                                    help="down-projection |input| spike over its layer's median")
+    super_out_floor: float = setting(_SW.out_floor, section="super weights", passes=("study",), check=_nonnegative,
+                                     help="absolute floor of the output spike")
+    super_in_floor: float = setting(_SW.in_floor, section="super weights", passes=("study",), check=_nonnegative,
+                                    help="absolute floor of the input spike")
+    super_max_rounds: int = setting(_SW.max_rounds, section="super weights", passes=("study",),
+                                    check=_at_least_one, help="zero what was found, look again")
+    super_windows: int = setting(8, section="super weights", passes=("study",), check=_at_least_one,
+                                 help="prompts: the first N held-out evaluation windows")
+    super_prompt: str | None = setting(None, section="super weights", passes=("study",), check=_prompt,
+                                       help="or one prompt text (the published method)")
+    out_dir: str | None = setting(None, section="output", passes=("cell",), flag=False, sweep=False,
+                                  help="output folder (with --sweep: results root, default results/<name>)")
 
     def __post_init__(self) -> None:
         for name, values in (("controls", self.controls), ("seeds", self.seeds), ("param_types", self.param_types)):
@@ -95,83 +254,48 @@ class ExperimentConfig:
         return replace(self, eval_length=length, eval_samples=samples)
 
     def validate(self) -> None:
-        def need(ok: bool, key: str, msg: str) -> None:
-            if not ok:
-                raise ConfigError(key, msg)
+        """Each setting's own rule (its declaration), then the rules between settings."""
+        for f in fields(self):
+            _check_field(f.name, f.metadata["setting"], getattr(self, f.name))
+        self._check_protocol()
+        self._check_perturbation()
+        if self.stability_check and len(self.seeds) < 2:
+            raise ConfigError("stability_check", "needs at least 2 seeds")
 
-        need(isinstance(self.model, str) and bool(self.model), "model", "a Hugging Face id or a local directory is required")
-        need(self.metric in METRICS, "metric", f"unknown {self.metric!r}; allowed: {', '.join(METRICS.names())}")
-        need(_is_int(self.topk) and self.topk > 0, "topk", f"must be a positive integer, got {self.topk!r}")
-        need(self.mode in MODES, "mode", f"unknown {self.mode!r}; allowed: {', '.join(MODES)}")
-        need(self.perturb in PERTURBATIONS, "perturb", f"unknown {self.perturb!r}; allowed: {', '.join(PERTURBATIONS.names())}")
-        for c in self.controls:
-            need(c in CONTROLS, "controls", f"unknown {c!r}; allowed: {', '.join(CONTROLS)}")
-        need(len(set(self.controls)) == len(self.controls), "controls", "a control is listed twice")
-        need(len(self.seeds) > 0 and all(_is_int(s) and s >= 0 for s in self.seeds), "seeds",
-             f"must be non-negative integers, got {list(self.seeds)!r}")
-        need(len(set(self.seeds)) == len(self.seeds), "seeds", "a seed is listed twice")
-        need(not self.stability_check or len(self.seeds) >= 2, "stability_check", "needs at least 2 seeds")
-        for key in ("max_samples", "max_length", "hutchinson_probes", "eval_batch_size", "stability_sample"):
-            v = getattr(self, key)
-            need(_is_int(v) and v > 0, key, f"must be a positive integer, got {v!r}")
-        for key in ("eval_length", "eval_samples", "micro_batch"):
-            v = getattr(self, key)
-            need(v is None or (_is_int(v) and v > 0), key, f"must be a positive integer, got {v!r}")
-        need(self.max_length >= 2, "max_length", "windows need at least 2 tokens")
-        need(self.eval_length is None or self.eval_length >= 2, "eval_length", "windows need at least 2 tokens")
-        need(self.protocol in PROTOCOLS, "protocol", f"unknown {self.protocol!r}; allowed: {', '.join(PROTOCOLS)}")
-        if PROTOCOLS[self.protocol].all_windows:
-            need(self.eval_samples is None, "eval_samples",
-                 f"protocol {self.protocol} evaluates every window of the evaluation text; leave eval_samples unset "
-                 "(or use protocol heldout)")
-        if PROTOCOLS[self.protocol].separate_calibration:
-            need((self.data_file is None) == (self.eval_file is None), "data_file",
-                 f"protocol {self.protocol} calibrates on a training text and evaluates a separate test text: give "
-                 "both data_file (training text) and eval_file (test text), or neither (WikiText-2 train and test)")
-            need(self.data_file is None or self.data_file == BUILTIN or self.eval_file == BUILTIN
-                 or Path(self.data_file).resolve() != Path(self.eval_file).resolve(), "eval_file",
-                 f"protocol {self.protocol} needs an evaluation text other than the calibration text")
-        need(self.device in DEVICES or str(self.device).startswith("cuda:"), "device",
-             f"unknown {self.device!r}; allowed: {', '.join(DEVICES)} (or cuda:N)")
-        need(self.dtype in DTYPES, "dtype", f"unknown {self.dtype!r}; allowed: {', '.join(DTYPES)}")
-        need(self.bos in BOS_LAYOUTS, "bos", f"unknown {self.bos!r}; allowed: {', '.join(BOS_LAYOUTS)}")
+    def _check_protocol(self) -> None:
+        p = PROTOCOLS[self.protocol]
+        if p.all_windows and self.eval_samples is not None:
+            raise ConfigError("eval_samples", f"protocol {self.protocol} evaluates every window of the evaluation "
+                              "text; leave eval_samples unset (or use protocol heldout)")
+        if p.separate_calibration:
+            if (self.data_file is None) != (self.eval_file is None):
+                raise ConfigError("data_file", f"protocol {self.protocol} calibrates on a training text and evaluates "
+                                  "a separate test text: give both data_file (training text) and eval_file (test "
+                                  "text), or neither (WikiText-2 train and test)")
+            if not (self.data_file is None or self.data_file == BUILTIN or self.eval_file == BUILTIN
+                    or Path(self.data_file).resolve() != Path(self.eval_file).resolve()):
+                raise ConfigError("eval_file", f"protocol {self.protocol} needs an evaluation text other than the "
+                                  "calibration text")
         # published takes the tokenizer's own layout; only the default "window" passes (recorded as what was used)
-        need(PROTOCOLS[self.protocol].layout is None or self.bos == "window", "bos",
-             f"protocol {self.protocol} tokenizes the whole text once with the tokenizer's own special tokens (for "
-             "Llama one BOS at the start); bos (window or document) applies to protocol heldout only")
-        for t in self.param_types:
-            need(t in PARAM_TYPES, "param_types", f"unknown {t!r}; allowed: {', '.join(PARAM_TYPES)}")
-        need(len(self.param_types) > 0, "param_types", "at least one parameter type")
-        p = PERTURBATIONS.get(self.perturb)
-        need(self.perturb_scale is None or p.takes_scale, "perturb_scale",
-             f"only {', '.join(n for n in PERTURBATIONS.names() if PERTURBATIONS.get(n).takes_scale)} take a scale")
-        need(self.perturb_scale is None or (isinstance(self.perturb_scale, (int, float))
-                                            and not isinstance(self.perturb_scale, bool)
-                                            and math.isfinite(self.perturb_scale)),
-             "perturb_scale", f"must be a finite number, got {self.perturb_scale!r}")
-        need(self.perturb_bit is None or self.perturb == "bit_flip", "perturb_bit", "only bit_flip takes a bit")
+        if p.layout is not None and self.bos != "window":
+            raise ConfigError("bos", f"protocol {self.protocol} tokenizes the whole text once with the tokenizer's "
+                              "own special tokens (for Llama one BOS at the start); bos (window or document) applies "
+                              "to protocol heldout only")
+
+    def _check_perturbation(self) -> None:
+        if self.perturb_scale is not None and not PERTURBATIONS.get(self.perturb).takes_scale:
+            scaled = (n for n in PERTURBATIONS.names() if PERTURBATIONS.get(n).takes_scale)
+            raise ConfigError("perturb_scale", f"only {', '.join(scaled)} take a scale")
+        if self.perturb_bit is None:
+            return
+        if self.perturb != "bit_flip":
+            raise ConfigError("perturb_bit", "only bit_flip takes a bit")
         # the model's width where --dtype says it; "auto" is checked once the model is loaded
         width = {"bf16": 16, "fp16": 16, "fp32": 32}.get(self.dtype, 64)
-        need(self.perturb_bit is None or (_is_int(self.perturb_bit) and 0 <= self.perturb_bit < width), "perturb_bit",
-             f"must be a bit index 0..{width - 1} for --dtype {self.dtype}, got {self.perturb_bit!r}" if width < 64 else
-             f"must be a bit index 0..63 (0..15 for bf16/fp16, 0..31 for fp32), got {self.perturb_bit!r}")
-        for key in ("data_file", "eval_file"):
-            v = getattr(self, key)
-            need(v is None or isinstance(v, str) and bool(v), key, f"expected a file path, got {v!r}")
-            if v is not None and v != BUILTIN:
-                need(not Path(v).is_dir(), key, f"{v!r} is a directory; expected a UTF-8 text file")
-                need(Path(v).is_file(), key, f"no such file {v!r}")
-        need(self.hf_id is None or (isinstance(self.hf_id, str) and "/" in self.hf_id), "hf_id",
-             f"expected a Hugging Face id like org/name, got {self.hf_id!r}")
-        for key in ("super_out_ratio", "super_in_ratio", "super_out_floor", "super_in_floor"):
-            v = getattr(self, key)
-            need(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0, key,
-                 f"must be a finite number >= 0, got {v!r}")
-        for key in ("super_max_rounds", "super_windows"):
-            v = getattr(self, key)
-            need(_is_int(v) and v >= 1, key, f"must be a positive integer, got {v!r}")
-        need(self.super_prompt is None or (isinstance(self.super_prompt, str) and self.super_prompt.strip() != ""),
-             "super_prompt", "must be a non-empty text")
+        if not (_is_int(self.perturb_bit) and 0 <= self.perturb_bit < width):
+            raise ConfigError("perturb_bit", f"must be a bit index 0..{width - 1} for --dtype {self.dtype}, got "
+                              f"{self.perturb_bit!r}" if width < 64 else "must be a bit index 0..63 (0..15 for "
+                              f"bf16/fp16, 0..31 for fp32), got {self.perturb_bit!r}")
 
     def super_weight_options(self) -> SuperWeightOptions:
         return SuperWeightOptions(out_ratio=self.super_out_ratio, in_ratio=self.super_in_ratio,
@@ -190,12 +314,71 @@ class ExperimentConfig:
         return [f.name for f in fields(cls)]
 
 
-def _is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+def _check_field(key: str, s: Setting, value: Any) -> None:
+    if s.choices is not None:
+        allowed = s.choices()
+        for v in (value if isinstance(value, tuple) else (value,)):
+            if v not in allowed:
+                raise ConfigError(key, f"unknown {v!r}; allowed: {', '.join(allowed)}")
+    problem = s.check(value) if s.check is not None else None
+    if problem:
+        raise ConfigError(key, problem)
+
+
+@dataclass(frozen=True)
+class ValueType:
+    """A setting's type as written in a sweep file or on the command line, from its annotation."""
+
+    types: tuple[type, ...]  # Python types one value may have (int accepted where float is)
+    is_list: bool
+
+    @property
+    def item(self) -> type:
+        """The type a command-line value is parsed to (not None)."""
+        return next(t for t in reversed(self.types) if t is not type(None))
+
+
+@cache
+def value_types() -> dict[str, ValueType]:
+    """Every setting's :class:`ValueType`, in declaration order, from the field annotations."""
+    hints = typing.get_type_hints(ExperimentConfig)
+    out = {}
+    for f in fields(ExperimentConfig):
+        hint = hints[f.name]
+        is_list = typing.get_origin(hint) is tuple
+        parts = typing.get_args(hint)[:1] if is_list else (
+            typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,))
+        ts = tuple(t for p in parts for t in ((int, float) if p is float else (p,)))
+        out[f.name] = ValueType(ts, is_list)
+    return out
+
+
+def declared() -> list[tuple[str, Setting]]:
+    """(name, declaration) of every setting, in declaration order."""
+    return [(f.name, f.metadata["setting"]) for f in fields(ExperimentConfig)]
+
+
+def sweep_keys() -> dict[str, ValueType]:
+    """The experiment keys of a sweep file, with their types, in declaration order (the grid's order)."""
+    return {name: value_types()[name] for name, s in declared() if s.sweep}
+
+
+@cache
+def pass_fields(pass_: str) -> tuple[str, ...]:
+    """The settings that decide a pass's work: the pass's own, and the data split's for every pass
+    that reads data (eval, score, study)."""
+    assert pass_ in PASSES, pass_
+    wanted = {pass_} | ({"data"} if pass_ in ("eval", "score", "study") else set())
+    return tuple(name for name, s in declared() if wanted & set(s.passes))
+
+
+def defaults() -> dict[str, Any]:
+    """Every setting's default (the required ones absent)."""
+    return {f.name: f.default for f in fields(ExperimentConfig) if f.default is not MISSING}
 
 
 # The settings that decide the data split (tokenized corpora, windows): work keyed by them is shared.
-DATA_FIELDS = ("data_file", "eval_file", "bos", "max_length", "eval_length", "eval_samples", "protocol")
+DATA_FIELDS = pass_fields("data")
 
 
 def settings_key(cfg: ExperimentConfig, names: tuple[str, ...]) -> tuple:

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..config import DATA_FIELDS, ExperimentConfig, settings_key
+from ..config import ExperimentConfig, pass_fields, settings_key
 from .spec import Cell
 
-MODEL_FIELDS = ("model", "dtype", "device", "revision", "trust_remote_code")
-EVAL_FIELDS = DATA_FIELDS + ("eval_batch_size",)
-SW_FIELDS = ("detect_super_weights", "super_out_ratio", "super_in_ratio", "super_out_floor", "super_in_floor",
-             "super_max_rounds", "super_windows", "super_prompt", "hf_id")
-SCORE_FIELDS = DATA_FIELDS + SW_FIELDS + ("metric", "max_samples", "param_types", "hutchinson_probes", "micro_batch",
-                                          "stability_sample")
+# The settings that key each kind of shared work, from their declarations (cwa_core.config: a
+# setting's ``passes``); the data split's settings are in every pass that reads data.
+MODEL_FIELDS = pass_fields("model")
+EVAL_FIELDS = pass_fields("eval")
+SW_FIELDS = tuple(f for f in pass_fields("study") if f not in pass_fields("data"))
+SCORE_FIELDS = pass_fields("score")
 
 
 def model_key(cfg: ExperimentConfig) -> tuple:
@@ -30,7 +30,10 @@ def baseline_key(cfg: ExperimentConfig) -> tuple:
 
 
 def score_key(cfg: ExperimentConfig, seed: int) -> tuple:
-    return (model_key(cfg), settings_key(cfg, SCORE_FIELDS), ("seed", seed))
+    """A scoring pass; with super-weight detection on, it also ranks the study's candidates, so the
+    study's settings key it too (with detection off they do not: such cells share passes)."""
+    study = settings_key(cfg, SW_FIELDS) if cfg.detect_super_weights else ()
+    return (model_key(cfg), settings_key(cfg, SCORE_FIELDS), study, ("seed", seed))
 
 
 def sw_key(cfg: ExperimentConfig) -> tuple | None:

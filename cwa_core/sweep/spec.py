@@ -16,28 +16,12 @@ from typing import Any
 
 import yaml
 
-from ..config import ConfigError, ExperimentConfig
+from ..config import ConfigError, ExperimentConfig, sweep_keys
 
 
-# key -> (python types allowed for one value, is it a list-valued key)
-EXPERIMENT_KEYS: dict[str, tuple[tuple[type, ...], bool]] = {
-    "model": ((str,), False), "metric": ((str,), False), "topk": ((int,), False), "mode": ((str,), False),
-    "perturb": ((str,), False), "perturb_scale": ((int, float, type(None)), False),
-    "perturb_bit": ((int, type(None)), False), "controls": ((str,), True), "seeds": ((int,), True),
-    "max_samples": ((int,), False), "max_length": ((int,), False), "eval_samples": ((int, type(None)), False),
-    "protocol": ((str,), False),
-    "eval_length": ((int, type(None)), False), "data_file": ((str, type(None)), False),
-    "eval_file": ((str, type(None)), False), "dtype": ((str,), False), "device": ((str,), False),
-    "stability_check": ((bool,), False), "save_plots": ((bool,), False), "bos": ((str,), False),
-    "param_types": ((str,), True), "hutchinson_probes": ((int,), False), "micro_batch": ((int, type(None)), False),
-    "eval_batch_size": ((int,), False), "revision": ((str, type(None)), False),
-    "trust_remote_code": ((bool,), False), "stability_sample": ((int,), False),
-    "hf_id": ((str, type(None)), False), "detect_super_weights": ((bool,), False),
-    "super_out_ratio": ((int, float), False), "super_in_ratio": ((int, float), False),
-    "super_out_floor": ((int, float), False), "super_in_floor": ((int, float), False),
-    "super_max_rounds": ((int,), False), "super_windows": ((int,), False),
-    "super_prompt": ((str, type(None)), False),
-}
+# key -> (python types allowed for one value, is it a list-valued key), from the settings' declarations
+# (cwa_core.config), in declaration order: the grid's order
+EXPERIMENT_KEYS: dict[str, tuple[tuple[type, ...], bool]] = {k: (v.types, v.is_list) for k, v in sweep_keys().items()}
 RESOURCE_KEYS = {"gpus_per_actor": (int, float), "cpus_per_actor": (int, float), "actors_per_model": (int,)}
 TRACKING_KEYS = {"experiment": (str,), "tracking_uri": (str, type(None)), "enabled": (bool,)}
 RETRY_KEYS = {"task_tries": (int,), "actor_restarts": (int,)}
