@@ -13,12 +13,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..architectures import ParamRef
+from ..architectures import ParamRef, flat_index
 from ..evaluate import Perplexity, eval_mode, perplexity
 from ..perturb import perturbed
 from ..selection import sample_without_replacement
 from .detection import _capture_rows
-from .plumbing import ZERO, _flat_index, _selection
+from .plumbing import ZERO, _selection
 from .records import Candidate, Detection
 
 
@@ -84,7 +84,7 @@ def _causal(model, detection, eval_windows, seeds, batch_size, progress) -> Caus
     if not cands:
         return CausalTest(base, [], _causal_row(base, [], None, None, None), seeds, time.perf_counter() - t0)
     orig = _capture_rows(model, eval_windows, batch_size, targets, sorted({(c.layer, c.row) for c in cands}))
-    flat = {c.key: _flat_index(refs[c.layer], c.row, c.col) for c in cands}
+    flat = {c.key: flat_index(refs[c.layer].layout, refs[c.layer].shape, c.row, c.col) for c in cands}
 
     def evaluate(group: Sequence[Candidate]) -> dict:
         items = [(c.layer, flat[c.key]) for c in group]

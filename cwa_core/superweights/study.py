@@ -8,9 +8,10 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ..architectures import matrix_shape
 from .causal import CausalTest, causal_test
 from .detection import detect_super_weights
-from .plumbing import _linear_shape, _threshold
+from .plumbing import _threshold
 from .ranks import RankSinks, _ranks_of
 from .records import CONVENTION, Coordinate, Detection, SuperWeightOptions
 from .registry import REPORTED_BY, match_published, published_coordinates
@@ -73,7 +74,7 @@ def super_weight_study(model: nn.Module, prompts: torch.Tensor, eval_windows: to
     causal = causal_test(model, det, eval_windows, seeds=seeds, batch_size=batch_size)
     extra = [*published_coordinates(model, hf_id),  # detection has refused a model without down projections
              *published_coordinates(model, hf_id, REPORTED_BY)]
-    published = match_published(hf_id, det.candidates, None, shapes={r.layer: _linear_shape(r) for r in det.refs})
+    published = match_published(hf_id, det.candidates, None, shapes={r.layer: matrix_shape(r.layout, r.shape) for r in det.refs})
     report = super_weights_report(det, causal, model_id=model_id, hf_id=hf_id, dtype=dtype,
                                   prompt_source=prompt_source, prompt_text=prompt_text, published=published)
     tracked = [Coordinate(c.layer, c.row, c.col, c.module) for c in det.candidates]
