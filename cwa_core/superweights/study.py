@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..architectures import matrix_shape
+from ..evaluate import Perplexity
 from .causal import CausalTest, causal_test
 from .detection import detect_super_weights
 from .plumbing import _threshold
@@ -66,12 +67,15 @@ def super_weights_report(detection: Detection, causal: CausalTest | None, *, mod
 def super_weight_study(model: nn.Module, prompts: torch.Tensor, eval_windows: torch.Tensor,
                        opts: SuperWeightOptions, *, seeds: Sequence[int], batch_size: int, model_id: str,
                        hf_id: str | None, dtype: str, prompt_source: str,
-                       prompt_text: str | None = None) -> tuple[dict, list[Coordinate]]:
+                       prompt_text: str | None = None,
+                       baseline: Perplexity | None = None) -> tuple[dict, list[Coordinate]]:
     """Detection, the causal test and the registry's coordinates, in one: the report (its ranks
     still empty: :func:`add_ranks` fills them after scoring) and the coordinates to rank under a
-    metric (the candidates, then the published and the reported_by ones of ``hf_id``)."""
+    metric (the candidates, then the published and the reported_by ones of ``hf_id``).
+    ``baseline``: the unperturbed perplexity of ``eval_windows`` when already measured (see
+    :func:`causal_test`)."""
     det = detect_super_weights(model, prompts, opts)
-    causal = causal_test(model, det, eval_windows, seeds=seeds, batch_size=batch_size)
+    causal = causal_test(model, det, eval_windows, seeds=seeds, batch_size=batch_size, baseline=baseline)
     extra = [*published_coordinates(model, hf_id),  # detection has refused a model without down projections
              *published_coordinates(model, hf_id, REPORTED_BY)]
     published = match_published(hf_id, det.candidates, None, shapes={r.layer: matrix_shape(r.layout, r.shape) for r in det.refs})
