@@ -15,11 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from .plots.style import color, figure, save_png
+from .plots import style
 
 __all__ = ["plot_super_weight_spikes"]
 
-_ROUND_COLORS = tuple(color(c) for c in ("vermillion", "blue", "green", "orange", "purple", "sky_blue", "black"))
+_ROUND_COLORS = tuple(style.color(c) for c in ("vermillion", "blue", "green", "orange", "purple", "sky_blue", "black"))
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X")
 _DASHES = ("-", "--", "-.", ":")
 
@@ -47,7 +47,7 @@ def plot_super_weight_spikes(report: Mapping[str, Any], path: str | Path) -> Pat
                            for e in layers]) for k in range(n_rounds)]
     threshold = _positive([e.get("threshold_out") for e in layers])
     styles = zip(itertools.cycle(_ROUND_COLORS), itertools.cycle(_MARKERS), itertools.cycle(_DASHES))
-    with figure(figsize=(max(6.0, 0.25 * len(x) + 4), 4.2)) as (fig, ax):
+    with style.figure(figsize=(max(6.0, 0.25 * len(x) + 4), 4.2)) as (fig, ax):
         for k, (y, (color, marker, dash)) in enumerate(zip(by_round, styles)):
             label = "round 0 (unmodified)" if k == 0 else f"round {k} ({_removed(report, k)} zeroed)"
             ax.plot(x, y, color=color, marker=marker, linestyle=dash, linewidth=1.6, markersize=5, label=label)
@@ -77,7 +77,7 @@ def plot_super_weight_spikes(report: Mapping[str, Any], path: str | Path) -> Pat
             title += f": {report['model_id']}"
         ax.set_title(title)
         ax.legend(loc="best", frameon=False)
-        return save_png(fig, path)
+        return style.save_png(fig, path)
 
 
 def _removed(report: Mapping[str, Any], k: int) -> int:

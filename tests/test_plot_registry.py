@@ -95,8 +95,10 @@ def test_entries_call_the_figure_functions_through_the_package(tmp_path, monkeyp
 
 
 def test_the_super_weight_figure_uses_only_public_style_names():
-    src = (Path(plots.__file__).parent.parent / "superweight_plots.py").read_text()
-    imported = [a.name for node in ast.walk(ast.parse(src)) if isinstance(node, ast.ImportFrom)
+    tree = ast.parse((Path(plots.__file__).parent.parent / "superweight_plots.py").read_text())
+    imported = [a.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
                 and (node.module or "").startswith("plots") for a in node.names]
-    assert imported and not [n for n in imported if n.startswith("_")], imported
+    used = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name) and node.value.id == "style"}
+    assert imported == ["style"] and used == {"color", "figure", "save_png"}, (imported, used)
     assert plot_style.color("vermillion") == "#D55E00" and plot_style.color("blue") == "#0072B2"

@@ -1,5 +1,6 @@
-"""Super weights: model plumbing (down projections, coordinates, hooked forwards) and the
-streaming statistics of one pass (max |x|, per-channel max, a log2 histogram for the median)."""
+"""Super weights: model plumbing (down projections, hooked forwards) and the streaming
+statistics of one pass (max |x|, per-channel max, a log2 histogram for the median). Rows and
+columns of a weight map to flat indices through :mod:`cwa_core.architectures` (flat_index)."""
 from __future__ import annotations
 
 import math
