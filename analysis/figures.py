@@ -339,16 +339,30 @@ FIGURES: dict[str, Callable[[dict], tuple[Figure, str]]] = {
 }
 
 
+#: The PNG text chunk that holds a saved figure's caption (:func:`saved_caption` reads it back).
+CAPTION_KEY = "Description"
+
+
 def save_figures(a: dict, folder: str | Path) -> list[Path]:
-    """Every figure as PNG and PDF in ``folder``; returns the paths written."""
+    """Every figure as PNG and PDF in ``folder``; returns the paths written. Each PNG carries
+    its caption (:data:`CAPTION_KEY`): the report embeds it without drawing the figure again."""
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, fn in FIGURES.items():
-        fig, _ = fn(a)
+        fig, caption = fn(a)
         for ext in ("png", "pdf"):
             p = out / f"{name}.{ext}"
-            fig.savefig(p, dpi=130)
+            fig.savefig(p, dpi=130, **({"metadata": {CAPTION_KEY: caption}} if ext == "png" else {}))
             fig.set_layout_engine("none")  # laid out once: the second format reuses it
             paths.append(p)
     return paths
+
+
+def saved_caption(png: str | Path) -> str | None:
+    """The caption :func:`save_figures` wrote into ``png``; None when it holds none (a PNG
+    saved before captions were kept in it)."""
+    from PIL import Image
+
+    with Image.open(png) as im:
+        return getattr(im, "text", {}).get(CAPTION_KEY)

@@ -23,7 +23,7 @@ from matplotlib.backends.backend_pdf import PdfPages
 from matplotlib.figure import Figure
 
 from .common import clean
-from .figures import FIGURES
+from .figures import FIGURES, saved_caption
 
 log = logging.getLogger(__name__)
 
@@ -95,13 +95,15 @@ def _page(title: str, table_share: float = 0.45) -> tuple[Figure, list]:
 
 def _figure_into(ax, name: str, a: dict) -> str:
     """Figure ``name`` as an image inside ``ax`` (the PNG already saved beside the analysis
-    when there is one, else drawn now); returns its caption."""
+    when there is one, with the caption saved in it; else drawn now); returns its caption."""
     import io
 
     import matplotlib.image as mpimg
 
-    fig, caption = FIGURES[name](a)  # the caption always comes from the data
     saved = Path(a["_figures_dir"]) / f"{name}.png" if a.get("_figures_dir") else None
+    caption = saved_caption(saved) if saved is not None and saved.is_file() else None
+    if caption is None:  # not saved, or saved without its caption: drawn (again), for its caption
+        fig, caption = FIGURES[name](a)  # the caption always comes from the data
     if saved is not None and saved.is_file():
         img = mpimg.imread(saved)
     else:

@@ -216,6 +216,75 @@ def coordinates(layout: str, shape: Sequence[int], flat_idx: torch.Tensor) -> Co
     return fn(shape, flat_idx)
 
 
+# The inverse of LAYOUTS: (expert, row, col) in the nn.Linear convention -> the flat index into
+# the stored tensor, per layout (ints or tensors alike): flat_index(coordinates(i)) == i.
+Index = "int | torch.Tensor"  # a Python int, or (n,) int64 indices
+
+
+def _rows_cols_inv(shape: Sequence[int], e, row, col):
+    return row * shape[1] + col
+
+
+def _cols_rows_inv(shape: Sequence[int], e, row, col):
+    return col * shape[1] + row  # stored (in, out)
+
+
+def _experts_out_in_inv(shape: Sequence[int], e, row, col):
+    return e * (shape[1] * shape[2]) + row * shape[2] + col
+
+
+def _experts_in_out_inv(shape: Sequence[int], e, row, col):
+    return e * (shape[1] * shape[2]) + col * shape[2] + row
+
+
+def _vector_inv(shape: Sequence[int], e, row, col):
+    return row
+
+
+_INVERSE: dict[str, Callable] = {
+    "linear": _rows_cols_inv, "conv1d": _cols_rows_inv, "experts": _experts_out_in_inv,
+    "experts_transposed": _experts_in_out_inv, "embedding": _rows_cols_inv,
+    "position_embedding": _rows_cols_inv, "vector": _vector_inv,
+}
+# (rows, cols) in the nn.Linear convention of a 2-D layout (of one expert's matrix for experts)
+_MATRIX_AXES = {"linear": (0, 1), "conv1d": (1, 0), "embedding": (0, 1), "position_embedding": (0, 1),
+                "experts": (1, 2), "experts_transposed": (2, 1)}
+
+
+def flat_index(layout: str, shape: Sequence[int], row: Index, col: Index | None = None,
+               expert: Index | None = None) -> Index:
+    """The flat index into a tensor of ``shape`` stored as ``layout`` of the weight at (expert,
+    row, col) in the nn.Linear convention (row = output, col = input): the inverse of
+    :func:`coordinates`. ``expert`` only for experts layouts, ``col`` for all but vectors."""
+    try:
+        fn = _INVERSE[layout]
+    except KeyError:
+        raise ValueError(f"unknown layout {layout!r}; allowed: {', '.join(LAYOUTS)}") from None
+    if (expert is None) != (layout not in ("experts", "experts_transposed")) or (col is None) != (layout == "vector"):
+        raise ValueError(f"layout {layout!r} takes " + {"vector": "a row only", "experts": "expert, row and col",
+                                                        "experts_transposed": "expert, row and col"}.get(layout, "row and col"))
+    return fn(shape, expert, row, col)
+
+
+def matrix_shape(layout: str, shape: Sequence[int]) -> tuple[int, int]:
+    """(rows, cols) = (outputs, inputs) of a matrix stored as ``layout`` (of each expert's
+    matrix for experts layouts): GPT-2's Conv1D stores (in, out)."""
+    try:
+        r, c = _MATRIX_AXES[layout]
+    except KeyError:
+        raise ValueError(f"layout {layout!r} is not a matrix; matrices: {', '.join(_MATRIX_AXES)}") from None
+    return shape[r], shape[c]
+
+
+def weight_row(layout: str, weight: torch.Tensor, row: int) -> torch.Tensor:
+    """W[row, :] of a 2-D ``weight`` stored as ``layout`` in the nn.Linear convention: the
+    weights of output ``row``, (in channels,): a view of ``weight``."""
+    r, _ = _MATRIX_AXES.get(layout, (None, None)) if weight.dim() == 2 else (None, None)
+    if r is None:
+        raise ValueError(f"weight_row needs a 2-D matrix layout, got {layout!r} {tuple(weight.shape)}")
+    return weight[row] if r == 0 else weight[:, row]
+
+
 def _layout(spec: ArchSpec, model: nn.Module, name: str, inner_module: str | None, mod_name: str,
             module: nn.Module, param: torch.Tensor) -> str:
     """The layout of one parameter; a matrix the table cannot place raises."""

@@ -297,10 +297,7 @@ def _lr_at(step: int, recipe: DemoRecipe) -> float:
 
 def _build(out: Path, recipe: DemoRecipe, *, progress: bool) -> None:
     """Write corpus, tokenizer, trained model and ``demo_info.json`` under ``out``."""
-    import tokenizers
     import torch
-    import transformers
-    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
     t_start = time.perf_counter()
     corpus = build_demo_corpus()
@@ -319,6 +316,23 @@ def _build(out: Path, recipe: DemoRecipe, *, progress: bool) -> None:
     )
 
     model_dir = out / MODEL_SUBDIR
+    _save_tokenizer(raw_tok, model_dir, recipe)
+    config = demo_config(recipe, vocab_size=raw_tok.get_vocab_size())
+    model, trained = _train_and_evaluate(config, train_ids, held_ids, recipe, progress=progress)
+    model.save_pretrained(model_dir)
+    logger.info(
+        "demo model trained in %.0f s: final train loss %.3f, held-out perplexity %.1f (vocab %d)",
+        trained["train_seconds"], trained["final_train_loss"], trained["heldout_ppl"], config.vocab_size,
+    )
+    info = _demo_info(recipe, corpus, ids, split, split_char, len(held_ids), model, trained)
+    info["build_seconds"] = time.perf_counter() - t_start
+    (model_dir / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+
+
+def _save_tokenizer(raw_tok: Any, model_dir: Path, recipe: DemoRecipe) -> None:
+    """Save ``raw_tok`` as a Hugging Face fast tokenizer in ``model_dir``."""
+    from transformers import PreTrainedTokenizerFast
+
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=raw_tok,
         bos_token=BOS_TOKEN,
@@ -333,7 +347,14 @@ def _build(out: Path, recipe: DemoRecipe, *, progress: bool) -> None:
     tok_config["tokenizer_class"] = "PreTrainedTokenizerFast"
     tok_config_path.write_text(json.dumps(tok_config, indent=2) + "\n", encoding="utf-8")
 
-    config = demo_config(recipe, vocab_size=raw_tok.get_vocab_size())
+
+def _train_and_evaluate(config: Any, train_ids: Any, held_ids: Any, recipe: DemoRecipe, *,
+                        progress: bool) -> tuple[Any, dict[str, Any]]:
+    """The model trained from ``recipe.seed`` on ``train_ids`` (the caller's RNG and thread
+    count left alone), and its numbers: final train loss, train seconds, held-out windows and
+    perplexity."""
+    import torch
+    from transformers import LlamaForCausalLM
 
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(recipe.num_threads)
@@ -352,13 +373,18 @@ def _build(out: Path, recipe: DemoRecipe, *, progress: bool) -> None:
         heldout_ppl = perplexity(model.eval(), held, batch_size=32).ppl
     finally:
         torch.set_num_threads(previous_threads)
-    model.save_pretrained(model_dir)
-    logger.info(
-        "demo model trained in %.0f s: final train loss %.3f, held-out perplexity %.1f (vocab %d)",
-        train_seconds, final_loss, heldout_ppl, config.vocab_size,
-    )
+    return model, {"final_train_loss": final_loss, "train_seconds": train_seconds,
+                   "heldout_windows": len(held), "heldout_ppl": heldout_ppl}
 
-    info = {
+
+def _demo_info(recipe: DemoRecipe, corpus: str, ids: Any, split: int, split_char: int, n_held: int,
+               model: Any, trained: dict[str, Any]) -> dict[str, Any]:
+    """``demo_info.json`` (without ``build_seconds``, which the caller adds last)."""
+    import tokenizers
+    import torch
+    import transformers
+
+    return {
         "demo_version": DEMO_VERSION,
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -372,17 +398,15 @@ def _build(out: Path, recipe: DemoRecipe, *, progress: bool) -> None:
         "num_tokens": len(ids),
         "split_token": split,
         "split_char": split_char,
-        "heldout_tokens": len(held_ids),
-        "heldout_windows": len(held),
-        "vocab_size": config.vocab_size,
+        "heldout_tokens": n_held,
+        "heldout_windows": trained["heldout_windows"],
+        "vocab_size": model.config.vocab_size,
         "num_parameters": sum(p.numel() for p in model.parameters()),
-        "final_train_loss": final_loss,
-        "heldout_loss": math.log(heldout_ppl),
-        "heldout_ppl": heldout_ppl,
-        "train_seconds": train_seconds,
-        "build_seconds": time.perf_counter() - t_start,
+        "final_train_loss": trained["final_train_loss"],
+        "heldout_loss": math.log(trained["heldout_ppl"]),
+        "heldout_ppl": trained["heldout_ppl"],
+        "train_seconds": trained["train_seconds"],
     }
-    (model_dir / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
 
 
 def _train(model: Any, train_ids: Any, recipe: DemoRecipe, *, progress: bool) -> float:

@@ -233,13 +233,15 @@ def super_weight_prompts(cfg: ExperimentConfig, data: DataSplit, tokenizer) -> t
 
 
 def study_super_weights(cfg: ExperimentConfig, model: nn.Module, tokenizer, data: DataSplit, *, model_id: str,
-                        hf_id: str | None, dtype: str) -> tuple[dict, list[Coordinate]]:
+                        hf_id: str | None, dtype: str,
+                        baseline: Perplexity | None = None) -> tuple[dict, list[Coordinate]]:
     """Super-weight detection and causal test for ``cfg`` (its prompts, thresholds, seeds and
-    evaluation windows): the report without ranks, and the weights to rank while scoring."""
+    evaluation windows): the report without ranks, and the weights to rank while scoring.
+    ``baseline``: :func:`baseline_perplexity` when already measured (not measured again)."""
     prompts, source, text = super_weight_prompts(cfg, data, tokenizer)
     return super_weight_study(model, prompts, data.eval_windows(), cfg.super_weight_options(), seeds=cfg.seeds,
                               batch_size=cfg.eval_batch_size, model_id=model_id, hf_id=hf_id, dtype=dtype,
-                              prompt_source=source, prompt_text=text)
+                              prompt_source=source, prompt_text=text, baseline=baseline)
 
 
 def run_experiment(cfg: ExperimentConfig, model: nn.Module, tokenizer, *, progress: bool = True,
@@ -266,7 +268,7 @@ def run_experiment(cfg: ExperimentConfig, model: nn.Module, tokenizer, *, progre
     if cfg.detect_super_weights:
         t = time.perf_counter()
         sw_report, track = study_super_weights(cfg, model, tokenizer, data, model_id=model_id or cfg.model,
-                                               hf_id=hf_id or cfg.hf_id, dtype=dtype)
+                                               hf_id=hf_id or cfg.hf_id, dtype=dtype, baseline=baseline)
         timings["super_weights"] = time.perf_counter() - t
         log.info("super weights: %d candidate(s) in %.1f s", len(sw_report["candidates"]), timings["super_weights"])
 

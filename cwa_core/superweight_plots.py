@@ -13,15 +13,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import matplotlib.pyplot as plt
 import numpy as np
 
-from .plots.style import _OKABE_ITO, _STYLE, _save
+from .plots import style
 
 __all__ = ["plot_super_weight_spikes"]
 
-_ROUND_COLORS = (_OKABE_ITO["vermillion"], _OKABE_ITO["blue"], _OKABE_ITO["green"], _OKABE_ITO["orange"],
-                 _OKABE_ITO["purple"], _OKABE_ITO["sky_blue"], _OKABE_ITO["black"])
+_ROUND_COLORS = tuple(style.color(c) for c in ("vermillion", "blue", "green", "orange", "purple", "sky_blue", "black"))
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X")
 _DASHES = ("-", "--", "-.", ":")
 
@@ -49,8 +47,7 @@ def plot_super_weight_spikes(report: Mapping[str, Any], path: str | Path) -> Pat
                            for e in layers]) for k in range(n_rounds)]
     threshold = _positive([e.get("threshold_out") for e in layers])
     styles = zip(itertools.cycle(_ROUND_COLORS), itertools.cycle(_MARKERS), itertools.cycle(_DASHES))
-    with plt.rc_context(_STYLE):
-        fig, ax = plt.subplots(figsize=(max(6.0, 0.25 * len(x) + 4), 4.2))
+    with style.figure(figsize=(max(6.0, 0.25 * len(x) + 4), 4.2)) as (fig, ax):
         for k, (y, (color, marker, dash)) in enumerate(zip(by_round, styles)):
             label = "round 0 (unmodified)" if k == 0 else f"round {k} ({_removed(report, k)} zeroed)"
             ax.plot(x, y, color=color, marker=marker, linestyle=dash, linewidth=1.6, markersize=5, label=label)
@@ -80,7 +77,7 @@ def plot_super_weight_spikes(report: Mapping[str, Any], path: str | Path) -> Pat
             title += f": {report['model_id']}"
         ax.set_title(title)
         ax.legend(loc="best", frameon=False)
-        return _save(fig, path)
+        return style.save_png(fig, path)
 
 
 def _removed(report: Mapping[str, Any], k: int) -> int:

@@ -1,6 +1,7 @@
 """cwa_core.architectures on a tiny model of every supported family and on the real stories260k."""
 from __future__ import annotations
 
+import math
 from collections import Counter
 from functools import lru_cache
 
@@ -11,12 +12,17 @@ from transformers import AutoModelForCausalLM
 
 from cwa_core.architectures import (
     ARCHITECTURES,
+    LAYOUTS,
     PARAM_TYPES,
     UnsupportedArchitectureError,
     arch_spec,
+    coordinates,
     decoder_layers,
     down_projections,
+    flat_index,
+    matrix_shape,
     scored_params,
+    weight_row,
 )
 from conftest import STORIES
 from tiny_models import HIDDEN, N_LAYERS, TINY_TYPES, tiny_model
@@ -304,3 +310,69 @@ def test_stories260k(stories):
     for _, mod in downs:
         assert isinstance(mod, nn.Linear)
         assert (mod.out_features, mod.in_features) == (hidden, cfg.intermediate_size)
+
+
+# --------------------------------------------------------------------------- coordinates, both ways
+
+
+@pytest.mark.parametrize("model_type", TINY_TYPES)
+def test_flat_index_inverts_coordinates_on_every_tensor(model_type):
+    """Forward (flat index -> expert, row, col) then inverse is the identity on every index of
+    every scored tensor, GPT-2's transposed Conv1D and Mixtral's fused experts included; and a
+    matrix's row read through weight_row holds the entries the flat indices address."""
+    seen = set()
+    for r in scored_params(_model(model_type), ALL_TYPES):
+        idx = torch.arange(r.numel)
+        e, row, col = coordinates(r.layout, r.shape, idx)
+        assert torch.equal(flat_index(r.layout, r.shape, row, col, e), idx), r.name
+        seen.add(r.layout)
+        if r.layout in ("vector",) or r.param.dim() != 2:
+            continue
+        rows, cols = matrix_shape(r.layout, r.shape)
+        assert int(row.max()) == rows - 1 and int(col.max()) == cols - 1, r.name
+        flat = r.param.detach().reshape(-1)
+        for q in (0, rows - 1):
+            got = weight_row(r.layout, r.param.detach(), q)
+            assert got.shape == (cols,)
+            assert torch.equal(got, flat[flat_index(r.layout, r.shape, q, torch.arange(cols))]), r.name
+    assert "embedding" in seen and ("linear" in seen or model_type == "gpt2")  # OLMo's norms have no weights
+    if model_type == "gpt2":
+        assert {"conv1d", "position_embedding", "vector"} <= seen
+    if model_type == "mixtral":
+        assert {"experts"} & seen
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_every_layout_round_trips_both_ways(layout):
+    """Synthetic shapes for every layout (experts_transposed has no tiny model): inverse then
+    forward is the identity on every coordinate, forward then inverse on every flat index."""
+    shape = {"vector": (7,)}.get(layout, (3, 5, 4) if layout.startswith("experts") else (5, 4))
+    n = math.prod(shape)
+    idx = torch.arange(n)
+    e, row, col = coordinates(layout, shape, idx)
+    assert torch.equal(flat_index(layout, shape, row, col, e), idx)
+    assert sorted(flat_index(layout, shape, int(a), None if c is None else int(c), None if x is None else int(x))
+                  for x, a, c in zip(e if e is not None else [None] * n, row, col if col is not None else [None] * n)
+                  ) == list(range(n))  # Python ints too, each index once
+
+
+def test_the_inverse_is_the_layout_formula_the_super_weights_used():
+    """nn.Linear (out, in): row * in + col; GPT-2's Conv1D stores (in, out): col * out + row."""
+    assert flat_index("linear", (6, 10), 2, 3) == 2 * 10 + 3
+    assert flat_index("conv1d", (10, 6), 2, 3) == 3 * 6 + 2
+    assert matrix_shape("linear", (6, 10)) == (6, 10) and matrix_shape("conv1d", (10, 6)) == (6, 10)
+    w = torch.arange(60.0).reshape(10, 6)  # Conv1D: (in 10, out 6)
+    assert torch.equal(weight_row("conv1d", w, 2), w[:, 2]) and torch.equal(weight_row("linear", w, 2), w[2])
+
+
+def test_inverse_errors_name_the_allowed_choices():
+    with pytest.raises(ValueError, match="unknown layout 'nope'; allowed: linear, conv1d"):
+        flat_index("nope", (2, 2), 0, 0)
+    with pytest.raises(ValueError, match="takes expert, row and col"):
+        flat_index("experts", (2, 2, 2), 0, 0)
+    with pytest.raises(ValueError, match="takes a row only"):
+        flat_index("vector", (4,), 0, 1)
+    with pytest.raises(ValueError, match="is not a matrix"):
+        matrix_shape("vector", (4,))
+    with pytest.raises(ValueError, match="needs a 2-D matrix layout"):
+        weight_row("experts", torch.zeros(2, 2, 2), 0)

@@ -118,3 +118,24 @@ def test_bad_bit_is_refused():
     with pytest.raises(ValueError, match="allowed 0..15"):
         with perturbed(refs, random_selection(refs, 3, "global", seed=0), PerturbSpec("bit_flip", bit=16)):
             pass
+
+
+def test_the_restore_check_reads_back_once_per_device_not_once_per_tensor(monkeypatch):
+    """_all_restored compares on each tensor's device and reads one flag per device; a tensor
+    holding other bits (a NaN payload too: bits, not values, are compared) makes it False."""
+    from cwa_core import perturb as P
+
+    a = torch.tensor([1.0, float("nan"), -0.0, 3.0])
+    b = torch.tensor([5.0, 6.0])
+    saved = [(a, torch.tensor([1, 2]), P.int_view(a)[torch.tensor([1, 2])].clone()),
+             (b, torch.tensor([0]), P.int_view(b)[torch.tensor([0])].clone())]
+    reads = []
+    real_stack = torch.stack
+    monkeypatch.setattr(P.torch, "stack", lambda xs: reads.append(len(xs)) or real_stack(xs))
+    assert P._all_restored(saved) and reads == [2]  # two tensors, one device: one read
+    assert P._all_restored([])
+    P.int_view(a)[1] = P.int_view(a)[1] ^ 1  # still a NaN, another payload: the bits differ
+    assert not P._all_restored(saved)
+    a.view(torch.int32)[1] ^= 1  # back to the saved payload
+    b[0] = 0.0  # another value in the second tensor only
+    assert not P._all_restored(saved)

@@ -85,3 +85,41 @@ def test_parameter_type_map_draws_each_variant_on_its_own_row(tmp_path):
     # the whole-weight placement of K = 2569 and 2-digit printing
     assert shown == pytest.approx(sorted([1.0, 1.0, 1.0, 3 * 164416 / 295488, 164416 / 295488, 164416 / 295488]),
                                   abs=0.015)
+
+
+def test_the_report_embeds_the_saved_figures_without_drawing_them_again(tmp_path, monkeypatch):
+    """The analysis saves each figure once, its caption in the PNG; the report embeds the PNG
+    with that caption (the caption the figure gives from the report's own dict) and draws
+    nothing again. A PNG without a caption (saved before) is drawn again for its caption."""
+    from PIL import Image
+
+    from analysis import figures as figures_mod
+    from analysis import report as report_mod
+    from analysis.common import clean
+
+    for name in ("a", "b"):
+        write_cell(tmp_path / "runs" / name, SynthCell(model=SynthModel(f"m/{name}"), seeds=(0, 1)))
+    out = tmp_path / "x" / "statistical_analysis.json"
+    a = analyze([str(tmp_path / "runs")], options=AnalysisOptions(compare=CompareOptions(n_boot=200)), output=out)
+    folder = out.parent / "figures"
+    want = {name: fn(clean(a))[1] for name, fn in figures_mod.FIGURES.items()}
+    assert {name: figures_mod.saved_caption(folder / f"{name}.png") for name in want} == want
+    assert all(want.values())
+
+    drawn = []
+    monkeypatch.setattr(report_mod, "FIGURES", {n: (lambda a, n=n: drawn.append(n) or figures_mod.FIGURES[n](a))
+                                                for n in figures_mod.FIGURES})
+    captions = {}
+    real_into = report_mod._figure_into
+    monkeypatch.setattr(report_mod, "_figure_into",
+                        lambda ax, name, a: captions.setdefault(name, real_into(ax, name, a)))
+    report_mod.write_report(a, tmp_path / "r.pdf", figures_dir=folder)
+    assert drawn == [] and captions == want
+
+    png = folder / "dose_response.png"
+    with Image.open(png) as im:
+        im.save(png)  # pixels kept, text chunks dropped: a PNG of an older analysis
+    assert figures_mod.saved_caption(png) is None
+    captions.clear()
+    report_mod.write_report(a, tmp_path / "r2.pdf", figures_dir=folder)
+    assert drawn == ["dose_response"] and captions == want

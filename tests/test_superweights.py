@@ -510,6 +510,34 @@ def test_causal_test_zeroed_vs_random_vs_restored():
     assert _bits(model) == before
 
 
+def test_a_baseline_already_measured_is_used_as_it_is_with_the_same_numbers(monkeypatch):
+    """The experiment passes its baseline: one perplexity pass fewer, every number equal to the
+    test that measures its own; a baseline of other windows is refused."""
+    from cwa_core.evaluate import perplexity as real_perplexity
+    from cwa_core.superweights import causal as causal_mod
+
+    model = _dependent_model()
+    det = detect_super_weights(model, windows(4, 48, seed=1))
+    ev = windows(6, 48, seed=100)
+    calls = []
+
+    def counting(*a, **k):
+        calls.append(k.get("desc"))
+        return real_perplexity(*a, **k)
+
+    monkeypatch.setattr(causal_mod, "perplexity", counting)
+    own = causal_test(model, det, ev, seeds=(0, 1), batch_size=4)
+    n_own = len(calls)
+    base = real_perplexity(model, ev, batch_size=4)
+    given = causal_test(model, det, ev, seeds=(0, 1), batch_size=4, baseline=base)
+    assert calls[:n_own].count("baseline ppl") == 1 and "baseline ppl" not in calls[n_own:]
+    assert len(calls) - n_own == n_own - 1
+    assert given.baseline is base and given.baseline == own.baseline  # the same pass: bit for bit
+    assert given.candidates == own.candidates and given.all == own.all
+    with pytest.raises(ValueError, match="baseline: measured on 6 windows of 48 tokens, eval_windows are \\(5, 48\\)"):
+        causal_test(model, det, ev[:5], seeds=(0,), baseline=base)
+
+
 def test_redundant_pair_only_all_together_breaks_the_model():
     """Two weights feeding one massive row: zeroing either leaves the other's spike (432 instead
     of 1456) and the model works on; zeroing both breaks it, and one write-back of the row undoes

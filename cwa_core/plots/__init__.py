@@ -23,19 +23,24 @@ global apart from selecting the Agg backend.
 
 Layout: :mod:`.style` (palette, rc style, figure context, PNG writer, shared helpers), one
 module per figure (:mod:`.distribution`, :mod:`.layers`, :mod:`.heatmap`,
-:mod:`.perturbation`, :mod:`.stability`), and here :data:`PLOT_FILES` and
-:func:`save_experiment_plots`, which reads the figure functions from this module.
+:mod:`.perturbation`, :mod:`.stability`), and here the registry :data:`FIGURES` (one entry
+per figure: its name, which is its file's stem, and how it is drawn from the experiment's
+inputs), :data:`PLOT_FILES` derived from it and :func:`save_experiment_plots`. The entries
+call the figure functions through this module's names (so that a test can replace one).
+Adding a figure is one entry here (and its module).
 """
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from . import style  # noqa: F401  first: selects the Agg backend before any pyplot import
+from ..registry import Registry
 from .distribution import plot_sensitivity_distribution
 from .heatmap import heatmap_matrix, plot_sensitivity_heatmap
 from .layers import plot_layer_comparison
@@ -47,7 +52,10 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "DPI",
+    "FIGURES",
     "PLOT_FILES",
+    "ExperimentFigure",
+    "ExperimentInputs",
     "heatmap_matrix",
     "layer_label",
     "plot_layer_comparison",
@@ -58,14 +66,73 @@ __all__ = [
     "save_experiment_plots",
 ]
 
-#: File names written by :func:`save_experiment_plots`, in order.
-PLOT_FILES: tuple[str, ...] = (
-    "sensitivity_distribution.png",
-    "layer_comparison.png",
-    "sensitivity_heatmap.png",
-    "perturbation_effects.png",
-    "stability_analysis.png",
-)
+
+@dataclass(frozen=True)
+class ExperimentInputs:
+    """What the figures of one experiment are drawn from (see :func:`save_experiment_plots`)."""
+
+    samples_per_seed: Sequence[Mapping[str, np.ndarray]]
+    stats_per_seed: Sequence[Mapping[str, Any]]
+    seeds: Sequence[int]
+    perturbation: Mapping[str, Any]
+    stability: Mapping[str, Any] | None
+    metric: str
+
+
+@dataclass(frozen=True)
+class ExperimentFigure:
+    """One registered figure: ``draw(inputs, path)`` writes the PNG ``path`` and returns it;
+    ``needs``: an :class:`ExperimentInputs` field that may be None, the figure being skipped then."""
+
+    name: str
+    draw: Callable[[ExperimentInputs, Path], Path]
+    needs: str | None = None
+
+    @property
+    def file(self) -> str:
+        return f"{self.name}.png"
+
+
+#: The experiment's figures by name (the file's stem), in the order they are drawn.
+FIGURES: Registry[ExperimentFigure] = Registry("experiment figure")
+
+
+def _figure(name: str, *, needs: str | None = None):
+    def deco(draw: Callable[[ExperimentInputs, Path], Path]):
+        FIGURES.add(name, ExperimentFigure(name, draw, needs))
+        return draw
+    return deco
+
+
+@_figure("sensitivity_distribution")
+def _distribution(x: ExperimentInputs, path: Path) -> Path:
+    return plot_sensitivity_distribution(list(x.samples_per_seed), x.metric, path, seeds=x.seeds)
+
+
+@_figure("layer_comparison")
+def _layers(x: ExperimentInputs, path: Path) -> Path:
+    return plot_layer_comparison([s.get("per_layer") or [] for s in x.stats_per_seed], x.metric, path,
+                                 seeds=x.seeds)
+
+
+@_figure("sensitivity_heatmap")
+def _heatmap(x: ExperimentInputs, path: Path) -> Path:
+    return plot_sensitivity_heatmap([s.get("per_tensor") or [] for s in x.stats_per_seed], x.metric, path,
+                                    seeds=x.seeds)
+
+
+@_figure("perturbation_effects")
+def _perturbation(x: ExperimentInputs, path: Path) -> Path:
+    return plot_perturbation_effects(x.perturbation, path)
+
+
+@_figure("stability_analysis", needs="stability")
+def _stability(x: ExperimentInputs, path: Path) -> Path:
+    return plot_stability(x.stability, path)
+
+
+#: File names written by :func:`save_experiment_plots`, in order (from :data:`FIGURES`).
+PLOT_FILES: tuple[str, ...] = tuple(FIGURES.get(n).file for n in FIGURES.names())
 
 
 def save_experiment_plots(
@@ -78,7 +145,7 @@ def save_experiment_plots(
     stability: Mapping[str, Any] | None = None,
     metric: str | None = None,
 ) -> tuple[list[Path], dict[str, str]]:
-    """Write every figure of one experiment into ``out_dir / "plots"``, each on its own.
+    """Write every figure of :data:`FIGURES` into ``out_dir / "plots"``, each on its own.
 
     ``samples_per_seed[i]`` is :func:`cwa_core.outputs.weighted_samples` of seed ``seeds[i]``,
     ``stats_per_seed[i]`` element ``i`` of ``per_seed`` in ``sensitivity_stats.json``;
@@ -93,23 +160,16 @@ def save_experiment_plots(
               or (stability or {}).get("metric") or "score")
     plots = Path(out_dir) / "plots"
     plots.mkdir(parents=True, exist_ok=True)
-    jobs = [
-        (PLOT_FILES[0], lambda p: plot_sensitivity_distribution(
-            list(samples_per_seed), metric, p, seeds=seeds)),
-        (PLOT_FILES[1], lambda p: plot_layer_comparison(
-            [s.get("per_layer") or [] for s in stats_per_seed], metric, p, seeds=seeds)),
-        (PLOT_FILES[2], lambda p: plot_sensitivity_heatmap(
-            [s.get("per_tensor") or [] for s in stats_per_seed], metric, p, seeds=seeds)),
-        (PLOT_FILES[3], lambda p: plot_perturbation_effects(perturbation, p)),
-    ]
-    if stability is not None:
-        jobs.append((PLOT_FILES[4], lambda p: plot_stability(stability, p)))
+    inputs = ExperimentInputs(samples_per_seed, stats_per_seed, seeds, perturbation, stability, metric)
     paths: list[Path] = []
     failed: dict[str, str] = {}
-    for name, draw in jobs:
+    for name in FIGURES.names():
+        fig = FIGURES.get(name)
+        if fig.needs is not None and getattr(inputs, fig.needs) is None:
+            continue
         try:
-            paths.append(draw(plots / name))
+            paths.append(fig.draw(inputs, plots / fig.file))
         except Exception as e:  # one figure's failure must cost neither the others nor the numbers
-            failed[name] = " ".join(f"{type(e).__name__}: {e}".split())
-            log.warning("plot %s failed: %s", name, failed[name])
+            failed[fig.file] = " ".join(f"{type(e).__name__}: {e}".split())
+            log.warning("plot %s failed: %s", fig.file, failed[fig.file])
     return paths, failed

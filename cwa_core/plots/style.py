@@ -3,8 +3,8 @@ and the PNG writer, and the small formatting helpers every figure uses.
 
 Importing this module selects matplotlib's non-interactive Agg backend (and changes nothing
 else global: the style is applied through a local ``rc_context``). The figure modules of
-:mod:`cwa_core.plots` and :mod:`cwa_core.superweight_plots` take their colours, style and
-:func:`_save` from here.
+:mod:`cwa_core.plots` take their colours, style and :func:`_save` from here; figure modules
+outside the package use the public :func:`color`, :func:`figure` and :func:`save_png`.
 """
 from __future__ import annotations
 
@@ -69,6 +69,24 @@ _NOTE_OFFSET_PT = -46  # notes sit this far below the axes, under the tick label
 
 
 
+
+
+def color(name: str) -> str:
+    """A colour of the house palette (Okabe-Ito) by name: "vermillion", "blue", "green", ..."""
+    return _OKABE_ITO[name]
+
+
+@contextmanager
+def figure(**kwargs: Any) -> Iterator[tuple[Any, Any]]:
+    """``plt.subplots(**kwargs)`` under the house style, for figure modules outside this
+    package (write it with :func:`save_png`); the figure is closed however drawing ends."""
+    with _figure(**kwargs) as (fig, ax):
+        yield fig, ax
+
+
+def save_png(fig: Any, path: str | Path) -> Path:
+    """Write ``fig`` as the house PNG (dpi 150, tight bbox, white), close it, return the path."""
+    return _save(fig, path)  # looked up at call time: tests spy on it
 
 
 def layer_label(layer: int) -> str:

@@ -13,12 +13,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..architectures import ParamRef
+from ..architectures import ParamRef, flat_index
 from ..evaluate import Perplexity, eval_mode, perplexity
 from ..perturb import perturbed
 from ..selection import sample_without_replacement
 from .detection import _capture_rows
-from .plumbing import ZERO, _flat_index, _selection
+from .plumbing import ZERO, _selection
 from .records import Candidate, Detection
 
 
@@ -63,28 +63,34 @@ class _Restore:
 
 
 def causal_test(model: nn.Module, detection: Detection, eval_windows: torch.Tensor, *,
-                seeds: Sequence[int] = (0, 1, 2), batch_size: int = 8, progress: bool = False) -> CausalTest:
+                seeds: Sequence[int] = (0, 1, 2), batch_size: int = 8, progress: bool = False,
+                baseline: Perplexity | None = None) -> CausalTest:
     """Perplexity on held-out ``eval_windows`` (N, L) with each candidate (and all of them) zeroed;
     with as many random weights of the same tensors zeroed (one draw per seed; the candidates
     themselves never drawn); and zeroed but with the original massive activation written back
     (output channel ``row`` of its down projection, only at the tokens where the original
-    |output| there exceeded the detection threshold ``threshold_out``)."""
+    |output| there exceeded the detection threshold ``threshold_out``). ``baseline``: the
+    unperturbed model's perplexity on these windows with this ``batch_size`` when the caller
+    has it already (the experiment's baseline: the same numbers), else measured here."""
+    if baseline is not None and (baseline.n_windows, baseline.window_length) != tuple(eval_windows.shape):
+        raise ValueError(f"baseline: measured on {baseline.n_windows} windows of {baseline.window_length} tokens, "
+                         f"eval_windows are {tuple(eval_windows.shape)}; pass the baseline of these windows")
     with eval_mode(model):
-        return _causal(model, detection, eval_windows, tuple(seeds), batch_size, progress)
+        return _causal(model, detection, eval_windows, tuple(seeds), batch_size, progress, baseline)
 
 
-def _causal(model, detection, eval_windows, seeds, batch_size, progress) -> CausalTest:
+def _causal(model, detection, eval_windows, seeds, batch_size, progress, baseline) -> CausalTest:
     t0 = time.perf_counter()
     refs = detection.refs
     targets = [(r.layer, r.name.rpartition(".")[0], r.module, r) for r in refs]  # as _down_proj_refs gives them
     mods = {r.layer: r.module for r in refs}
     ppl = functools.partial(perplexity, model, eval_windows, batch_size=batch_size, progress=progress)
-    base = ppl(desc="baseline ppl")
+    base = baseline if baseline is not None else ppl(desc="baseline ppl")
     cands = detection.candidates
     if not cands:
         return CausalTest(base, [], _causal_row(base, [], None, None, None), seeds, time.perf_counter() - t0)
     orig = _capture_rows(model, eval_windows, batch_size, targets, sorted({(c.layer, c.row) for c in cands}))
-    flat = {c.key: _flat_index(refs[c.layer], c.row, c.col) for c in cands}
+    flat = {c.key: flat_index(refs[c.layer].layout, refs[c.layer].shape, c.row, c.col) for c in cands}
 
     def evaluate(group: Sequence[Candidate]) -> dict:
         items = [(c.layer, flat[c.key]) for c in group]

@@ -9,10 +9,10 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ..architectures import flat_index, weight_row
 from ..evaluate import eval_mode
 from ..perturb import perturbed
-from .plumbing import (ZERO, _down_proj_refs, _flat_index, _forward_pass, _LayerPass, _selection, _threshold,
-                       _weight_row, _windows)
+from .plumbing import ZERO, _down_proj_refs, _forward_pass, _LayerPass, _selection, _threshold, _windows
 from .records import Candidate, Detection, LayerTrace, SuperWeightOptions
 
 log = logging.getLogger(__package__)  # "cwa_core.superweights", as before the split
@@ -86,7 +86,7 @@ def _detect(model: nn.Module, windows: torch.Tensor, opts: SuperWeightOptions) -
                 break
             _token_positions(model, windows, targets, new, opts)
         for c in new:  # refs are indexed by layer (down_projections lists every block in order)
-            zeroed.append((c.layer, _flat_index(refs[c.layer], c.row, c.col)))
+            zeroed.append((c.layer, flat_index(refs[c.layer].layout, refs[c.layer].shape, c.row, c.col)))
         found.extend(new)
         last_new = new
         log.info("super weights round %d: %s", rnd, [c.key for c in new])
@@ -108,7 +108,7 @@ def _propose(target, lp: _LayerPass, trace: LayerTrace, found: Sequence[Candidat
         return None
     row, position = lp.y.where[0], lp.y.where[1:]
     x_t = lp.x_at_out_max  # (in channels,) the input at the output spike's token t
-    w_row = _weight_row(ref, row).float()
+    w_row = weight_row(ref.layout, ref.param.detach(), row).float()
     terms = (w_row * x_t).abs().nan_to_num_(nan=-1.0)  # |W[row, k] x[t, k]|, (in channels,)
     taken = [c.col for c in found if c.layer == layer and c.row == row]
     terms[taken] = -1.0  # zeroed already (their terms are 0 in this state anyway)

@@ -1,5 +1,6 @@
-"""Super weights: model plumbing (down projections, coordinates, hooked forwards) and the
-streaming statistics of one pass (max |x|, per-channel max, a log2 histogram for the median)."""
+"""Super weights: model plumbing (down projections, hooked forwards) and the streaming
+statistics of one pass (max |x|, per-channel max, a log2 histogram for the median). Rows and
+columns of a weight map to flat indices through :mod:`cwa_core.architectures` (flat_index)."""
 from __future__ import annotations
 
 import math
@@ -8,7 +9,8 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..architectures import ParamRef, UnsupportedArchitectureError, arch_spec, down_projections, scored_params
+from ..architectures import (ParamRef, UnsupportedArchitectureError, arch_spec, down_projections, matrix_shape,
+                             scored_params)
 from ..evaluate import logits_of, model_device
 from ..perturb import PerturbSpec
 from ..selection import Selection
@@ -49,23 +51,7 @@ def _down_proj_refs(model: nn.Module) -> list[tuple[int, str, nn.Module, ParamRe
 
 def down_proj_shapes(model: nn.Module) -> dict[int, tuple[int, int]]:
     """layer -> (out channels, in channels) of its down projection (nn.Linear convention)."""
-    return {layer: _linear_shape(ref) for layer, _, _, ref in _down_proj_refs(model)}
-
-
-def _linear_shape(ref: ParamRef) -> tuple[int, int]:
-    a, b = ref.shape
-    return (a, b) if ref.in_dim == 1 else (b, a)  # Conv1D stores (in, out)
-
-
-def _flat_index(ref: ParamRef, row: int, col: int) -> int:
-    rows, cols = _linear_shape(ref)
-    return row * cols + col if ref.in_dim == 1 else col * rows + row
-
-
-def _weight_row(ref: ParamRef, row: int) -> torch.Tensor:
-    """W[row, :] in the nn.Linear convention: (in channels,)."""
-    w = ref.param.detach()
-    return w[row] if ref.in_dim == 1 else w[:, row]
+    return {layer: matrix_shape(ref.layout, ref.shape) for layer, _, _, ref in _down_proj_refs(model)}
 
 
 def _selection(refs: Sequence[ParamRef], items: Sequence[tuple[int, int]]) -> Selection:

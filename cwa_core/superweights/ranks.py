@@ -7,8 +7,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from ..architectures import ParamRef
-from .plumbing import _flat_index, _linear_shape
+from ..architectures import ParamRef, flat_index, matrix_shape
 from .records import Coordinate
 
 
@@ -42,9 +41,9 @@ class CandidateRanks:
             self._tracked[c.key] = entry
             ref = by_name.get(c.module + ".weight")
             if ref is not None and ref.in_dim is not None:
-                rows, cols = _linear_shape(ref)
+                rows, cols = matrix_shape(ref.layout, ref.shape)
                 if 0 <= c.row < rows and 0 <= c.col < cols:
-                    self._by_tensor.setdefault(ref.name, []).append((c.key, _flat_index(ref, c.row, c.col)))
+                    self._by_tensor.setdefault(ref.name, []).append((c.key, flat_index(ref.layout, ref.shape, c.row, c.col)))
 
     def __call__(self, ref: ParamRef, scores: torch.Tensor) -> None:
         flat = scores.detach().reshape(-1).float()

@@ -8,9 +8,11 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ..architectures import matrix_shape
+from ..evaluate import Perplexity
 from .causal import CausalTest, causal_test
 from .detection import detect_super_weights
-from .plumbing import _linear_shape, _threshold
+from .plumbing import _threshold
 from .ranks import RankSinks, _ranks_of
 from .records import CONVENTION, Coordinate, Detection, SuperWeightOptions
 from .registry import REPORTED_BY, match_published, published_coordinates
@@ -65,15 +67,18 @@ def super_weights_report(detection: Detection, causal: CausalTest | None, *, mod
 def super_weight_study(model: nn.Module, prompts: torch.Tensor, eval_windows: torch.Tensor,
                        opts: SuperWeightOptions, *, seeds: Sequence[int], batch_size: int, model_id: str,
                        hf_id: str | None, dtype: str, prompt_source: str,
-                       prompt_text: str | None = None) -> tuple[dict, list[Coordinate]]:
+                       prompt_text: str | None = None,
+                       baseline: Perplexity | None = None) -> tuple[dict, list[Coordinate]]:
     """Detection, the causal test and the registry's coordinates, in one: the report (its ranks
     still empty: :func:`add_ranks` fills them after scoring) and the coordinates to rank under a
-    metric (the candidates, then the published and the reported_by ones of ``hf_id``)."""
+    metric (the candidates, then the published and the reported_by ones of ``hf_id``).
+    ``baseline``: the unperturbed perplexity of ``eval_windows`` when already measured (see
+    :func:`causal_test`)."""
     det = detect_super_weights(model, prompts, opts)
-    causal = causal_test(model, det, eval_windows, seeds=seeds, batch_size=batch_size)
+    causal = causal_test(model, det, eval_windows, seeds=seeds, batch_size=batch_size, baseline=baseline)
     extra = [*published_coordinates(model, hf_id),  # detection has refused a model without down projections
              *published_coordinates(model, hf_id, REPORTED_BY)]
-    published = match_published(hf_id, det.candidates, None, shapes={r.layer: _linear_shape(r) for r in det.refs})
+    published = match_published(hf_id, det.candidates, None, shapes={r.layer: matrix_shape(r.layout, r.shape) for r in det.refs})
     report = super_weights_report(det, causal, model_id=model_id, hf_id=hf_id, dtype=dtype,
                                   prompt_source=prompt_source, prompt_text=prompt_text, published=published)
     tracked = [Coordinate(c.layer, c.row, c.col, c.module) for c in det.candidates]
