@@ -9,7 +9,7 @@ import contextlib
 import logging
 import time
 import traceback
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .plan import CellInputs, Plan, Task, model_key
 from .progress import _Progress
