@@ -196,8 +196,6 @@ class SweepRunner:
     # -- start-up --------------------------------------------------------------------------
     def _start_tracking(self, go: threading.Event) -> Tracker | NullTracker:
         t = time.perf_counter()
-        from .tracking import Tracker  # importing MLflow: the slow part, overlapped
-
         go.wait()
         if self.abandon_tracking:  # refused, or stopped (Ctrl-C) while starting
             return NullTracker()
