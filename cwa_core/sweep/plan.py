@@ -5,10 +5,16 @@ super-weight study (detection and causal test) per (model, evaluation settings, 
 seeds) where cells ask for it; one scoring pass per (model, metric, seed, calibration settings)
 at the largest K and every mode any cell wants (smaller K are prefixes; it also ranks the
 super-weight candidates, so it waits for their study); one evaluation per (cell, seed, selection).
+
+It also emits that work as tasks (:class:`Task`) with explicit dependencies (``Plan.tasks``): a
+super-weight study's scoring passes wait for it; a cell's evaluations wait for its baseline,
+study and scoring passes; the cell's finish (run by the driver) waits for them all.
+:mod:`.taskgraph` schedules them.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from ..config import ExperimentConfig, pass_fields, settings_key
 from .spec import Cell
@@ -59,6 +65,7 @@ class Plan:
     baselines: dict[tuple, ExperimentConfig]
     scores: dict[tuple, ScoreTask]
     studies: dict[tuple, ExperimentConfig] = field(default_factory=dict)  # super-weight studies
+    tasks: list[Task] = field(default_factory=list)  # the same work as tasks with dependencies
 
     def rows(self) -> list[dict]:
         """The cell table of ``--dry-run``."""
@@ -90,7 +97,75 @@ def make_plan(cells: list[Cell]) -> Plan:
             task = scores.setdefault(score_key(cfg, seed), ScoreTask(cfg, seed, sw_key=study))
             task.k = max(task.k, cfg.topk)
             task.modes.add(cfg.mode)
-    return Plan(cells, models, baselines, scores, studies)
+    plan = Plan(cells, models, baselines, scores, studies)
+    plan.tasks = make_tasks(plan)
+    return plan
+
+
+@dataclass(frozen=True, eq=False)
+class Task:
+    """One unit of the plan's work: what it is, which model's actors run it, and the tasks
+    whose results it needs (``deps``, ids of tasks earlier in ``Plan.tasks``).
+
+    ``args`` by kind: baseline and superweights ``(config,)``; score ``(config, seed, k, modes)``
+    (the study's candidates are appended when it is done); evaluate ``(config, seed, selection
+    kind, score task id)``; finish :class:`CellInputs`."""
+
+    id: str
+    kind: str  # baseline | superweights | score | evaluate | finish
+    model_key: tuple
+    deps: tuple[str, ...] = ()
+    key: Any = None  # the sharing key: baseline, study or score key; (cell id, seed, selection); cell id
+    args: Any = ()
+    cell: str | None = None  # the one cell it serves (an evaluation, a finish); None if shared
+    on_driver: bool = False  # run by the driver (a cell's finish: writing, logging), not by an actor
+
+
+@dataclass(frozen=True)
+class CellInputs:
+    """What a cell's finish reads: the ids of the tasks whose results it writes."""
+
+    cell: Cell
+    baseline: str
+    scores: tuple[str, ...]  # one per seed, in the cell's seed order
+    evaluations: tuple[str, ...]  # per seed, top_k then the controls
+    study: str | None = None
+
+
+def make_tasks(plan: Plan) -> list[Task]:
+    """The plan's work as tasks, in the order they are first handed out: baselines, studies,
+    scoring passes, then per cell its evaluations (seed by seed, top_k then controls) and its
+    finish."""
+    tasks: list[Task] = []
+    ids: dict[tuple, str] = {}
+    for i, (bk, cfg) in enumerate(plan.baselines.items()):
+        ids[bk] = f"baseline/{i}"
+        tasks.append(Task(ids[bk], "baseline", model_key(cfg), key=bk, args=(cfg,)))
+    for i, (key, cfg) in enumerate(plan.studies.items()):
+        ids[key] = f"superweights/{i}"
+        tasks.append(Task(ids[key], "superweights", model_key(cfg), key=key, args=(cfg,)))
+    for i, (sk, st) in enumerate(plan.scores.items()):
+        ids[sk] = f"score/{i}"
+        cfg = replace(st.config, topk=st.k)
+        deps = () if st.sw_key is None else (ids[st.sw_key],)  # it ranks the study's candidates
+        tasks.append(Task(ids[sk], "score", model_key(cfg), deps, sk, (cfg, st.seed, st.k, tuple(sorted(st.modes)))))
+    for cell in plan.cells:
+        tasks.extend(_cell_tasks(cell, ids))
+    return tasks
+
+
+def _cell_tasks(cell: Cell, ids: dict[tuple, str]) -> list[Task]:
+    """A cell's evaluations (each waits for every input of the cell) and its finish."""
+    cfg, mk = cell.config, model_key(cell.config)
+    study = None if sw_key(cfg) is None else ids[sw_key(cfg)]
+    scores = tuple(ids[score_key(cfg, s)] for s in cfg.seeds)
+    inputs = (ids[baseline_key(cfg)], *([study] if study else []), *scores)
+    evals = [Task(f"evaluate/{cell.id}/{seed}/{kind}", "evaluate", mk, inputs, (cell.id, seed, kind),
+                  (cfg, seed, kind, score), cell=cell.id)
+             for seed, score in zip(cfg.seeds, scores) for kind in ("top_k", *cfg.controls)]
+    finish = Task(f"finish/{cell.id}", "finish", mk, (*inputs, *(t.id for t in evals)), cell.id,
+                  CellInputs(cell, inputs[0], scores, tuple(t.id for t in evals), study), cell=cell.id, on_driver=True)
+    return [*evals, finish]
 
 
 def format_table(rows: list[dict]) -> str:

@@ -37,17 +37,18 @@ from pathlib import Path
 
 from ..evaluate import Perplexity
 from ..experiment import ExperimentResult, stability_report
-from ..outputs import atomic_write, write_experiment, write_failure, write_json
+from ..outputs import atomic_write, write_experiment, write_failure
 from ..selection import offsets_of
 from ..superweights import RankTable, add_ranks
 from . import faults
-from .ledger import LOCK, MANIFEST, SweepBusyError, _exclusive, _read_manifest, finished_cells, written_cells
+from .ledger import LOCK, MANIFEST, SweepBusyError, SweepManifest, _exclusive, finished_cells, written_cells
 from .plan import Plan, make_plan
 from .progress import _Progress
 from .ray_setup import _RayWorker, init_ray
 from .scheduler import WAIT_S, execute
 from .slots import MAX_INFLIGHT, SweepResourceError, _fmt_resources, _one_line, _Slot, actor_demand, fits
 from .spec import Cell, Sweep, with_out_dir
+from .tracking import NullTracker, Tracker, or_none
 
 # names that importers (orchestrator, tests, benchmarks) read here; the code lives in the modules above
 __all__ = ["LOCK", "MANIFEST", "MAX_INFLIGHT", "WAIT_S", "SweepBusyError", "SweepResourceError", "SweepRunner",
@@ -66,7 +67,7 @@ class SweepRunner:
         self.progress = progress
         self.num_cpus = num_cpus
         self.dashboard = dashboard
-        self.manifest = _read_manifest(self.root) or {"name": sweep.name, "cells": {}}
+        self.manifest = SweepManifest.load(self.root, sweep.name)
         self.timings: dict[str, float] = {}
         self.interrupted = False
         self.refused = False  # the sweep can never fit this Ray: nothing is recorded
@@ -75,10 +76,10 @@ class SweepRunner:
 
     # -- bookkeeping -----------------------------------------------------------------------
     def _save(self) -> None:
-        write_json(self.root / MANIFEST, self.manifest)
+        self.manifest.save()
 
     def _entry(self, cell: Cell) -> dict:
-        return self.manifest["cells"][cell.id]
+        return self.manifest.entry(cell.id)
 
     def run(self) -> dict:
         """Run what is left of the sweep; returns the sweep manifest. KeyboardInterrupt is
@@ -94,20 +95,17 @@ class SweepRunner:
 
     def _run(self) -> dict:
         t0 = time.perf_counter()
-        done = finished_cells(self.root, self.manifest)
-        to_log = written_cells(self.root, self.manifest)
+        done = self.manifest.finished()
+        to_log = self.manifest.written()
         compute = [c for c in self.sweep.cells if c.id not in done and c.id not in to_log]
         logging_only = [c for c in self.sweep.cells if c.id in to_log]
-        self.manifest.update({"name": self.sweep.name, "spec_hash": self.sweep.spec_hash,
-                              "sweep_file": str(self.sweep.path) if self.sweep.path else None})
-        for c in self.sweep.cells:
-            self.manifest["cells"].setdefault(c.id, {"status": "pending", "settings": c.settings})
+        self.manifest.begin(self.sweep)
         if not compute and not logging_only:
             log.info("sweep %s: all %d cells already finished; nothing to do", self.sweep.name, len(self.sweep.cells))
             return self.manifest
         plan = make_plan(compute)
         self.timings = {}
-        tracker, ray, owns_ray, groups = None, None, False, {}
+        tracker, ray, owns_ray, groups = NullTracker(), None, False, {}
         status = "FAILED"
         try:
             # MLflow's start-up (import, schema) overlaps Ray's and the actors' (model loading);
@@ -132,20 +130,19 @@ class SweepRunner:
                     raise
                 finally:
                     fit_checked.set()
-                tracker = tracking.result() if tracking else None
+                tracker = tracking.result() if tracking else NullTracker()
             finally:
                 pool.shutdown(wait=False)
             self._save()
-            if tracker is not None:
-                self._close_leftovers(tracker)
+            self._close_leftovers(tracker)
             for cell in logging_only:
-                self._log_cell(cell, tracker)
+                self._log_cell(cell, or_none(tracker))
             if compute:
                 self._execute(ray, plan, groups, tracker)
             if self.sweep.report:
                 self._report(tracker)
             pending_ids = {c.id for c in compute + logging_only}
-            status = "FINISHED" if all(self.manifest["cells"][cid]["status"] == "finished" for cid in pending_ids) else "FAILED"
+            status = "FINISHED" if all(self.manifest.entry(cid)["status"] == "finished" for cid in pending_ids) else "FAILED"
         except KeyboardInterrupt:
             self.interrupted = True
             status = "KILLED"
@@ -165,19 +162,17 @@ class SweepRunner:
             return
         # where the time went: start-up (Ray, MLflow), the first result (actor start, model
         # load, tokenizing, first task), the rest; benchmarks/sweep_overhead.py reads these
-        self.manifest.setdefault("runs", []).append({"started_cells": started, "seconds": time.perf_counter() - t0,
-                                                     "status": status, "timings_s": self.timings})
+        self.manifest.add_run(started, time.perf_counter() - t0, status, self.timings)
         with contextlib.suppress(Exception):
             self._save()
         t = time.perf_counter()
-        if tracker is not None and tracker.sweep_run_id is not None:
+        if tracker.sweep_run_id is not None:
             try:
                 if self.interrupted:
                     tracker.kill_open()
-                tracker.end_sweep(status, {
-                    "cells_finished": sum(c["status"] == "finished" for c in self.manifest["cells"].values()),
-                    "cells_failed": sum(c["status"] == "failed" for c in self.manifest["cells"].values()),
-                    "model_loads": self.manifest.get("model_loads", 0)})
+                counts = self.manifest.statuses()
+                tracker.end_sweep(status, {"cells_finished": counts["finished"], "cells_failed": counts["failed"],
+                                           "model_loads": self.manifest.get("model_loads", 0)})
             except Exception as e:  # noqa: BLE001 - the files are the record; say so and go on
                 log.warning("could not close the MLflow sweep run: %s", _one_line(e))
         self.timings["stop_tracking_s"] = time.perf_counter() - t
@@ -199,13 +194,11 @@ class SweepRunner:
             self._save()
 
     # -- start-up --------------------------------------------------------------------------
-    def _start_tracking(self, go: threading.Event):
+    def _start_tracking(self, go: threading.Event) -> Tracker | NullTracker:
         t = time.perf_counter()
-        from .tracking import Tracker  # importing MLflow: the slow part, overlapped
-
         go.wait()
         if self.abandon_tracking:  # refused, or stopped (Ctrl-C) while starting
-            return None
+            return NullTracker()
         tracker = Tracker(self.tracking_uri, self.sweep.tracking.experiment or self.sweep.name)
         self.manifest["mlflow"] = {"tracking_uri": tracker.uri, "experiment": tracker.experiment,
                                    "experiment_id": tracker.experiment_id}
@@ -284,16 +277,15 @@ class SweepRunner:
             write_report(result, out / "research_summary.pdf", figures_dir=out / "figures")
             self.manifest["report"] = {"dir": "analysis", "json": "analysis/statistical_analysis.json",
                                        "pdf": "analysis/research_summary.pdf", "error": None}
-            if tracker is not None:
-                runs = {cid: c.get("mlflow_run_id") for cid, c in self.manifest["cells"].items()}
-                per_cell: dict[str, dict[str, float]] = {}
-                for group in result.get("dose_response", []):
-                    crit = (group.get("critical") or {}).get("critical_k")
-                    if isinstance(crit, (int, float)):
-                        for cid in group.get("cells", []):
-                            if runs.get(cid):
-                                per_cell.setdefault(runs[cid], {})["critical_k"] = float(crit)
-                tracker.log_analysis(out, per_cell)
+            runs = {cid: c.get("mlflow_run_id") for cid, c in self.manifest["cells"].items()}
+            per_cell: dict[str, dict[str, float]] = {}
+            for group in result.get("dose_response", []):
+                crit = (group.get("critical") or {}).get("critical_k")
+                if isinstance(crit, (int, float)):
+                    for cid in group.get("cells", []):
+                        if runs.get(cid):
+                            per_cell.setdefault(runs[cid], {})["critical_k"] = float(crit)
+            tracker.log_analysis(out, per_cell)
         except Exception as e:  # noqa: BLE001 - the numbers stand without their report
             log.error("the analysis or report failed: %s", _one_line(e))
             log.debug("%s", traceback.format_exc())

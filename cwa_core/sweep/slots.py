@@ -1,6 +1,6 @@
-"""What the scheduler keeps per task and per actor slot, and how it reads resources and
-failures: what an actor asks Ray for, whether it fits, whether an error lost the actor or left
-it untrustworthy."""
+"""What the scheduler keeps per actor slot (the tasks' states are :mod:`.taskgraph`'s), and how
+it reads resources and failures: what an actor asks Ray for, whether it fits, whether an error
+lost the actor or left it untrustworthy."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -32,17 +32,6 @@ def _one_line(e: BaseException) -> str:
 
 
 @dataclass(eq=False)
-class _Task:
-    kind: str  # baseline | score | evaluate
-    key: tuple  # baseline key, score key, or (cell id, seed, selection)
-    mk: tuple  # model key: which actor group runs it
-    args: tuple
-    tries: int = 0
-    seq: int = 0  # submission order (the oldest in flight on an actor is the one running)
-    errors: list = field(default_factory=list)
-
-
-@dataclass(eq=False)
 class _Slot:
     """One actor of a model's group, replaced when it dies, released when its model is done.
 
@@ -54,7 +43,7 @@ class _Slot:
     ready_ref: Any = None  # the actor's __ray_ready__ call: returns once it is placed and loaded
     ready: bool = False
     placed: bool = False  # it has a process (loading its model): work may queue behind the load
-    inflight: list = field(default_factory=list)  # [(ref, task)] in submission order
+    inflight: list = field(default_factory=list)  # [(ref, plan Task)] in submission order: the first is running
     deaths: int = 0
     alive: bool = True
     released: bool = False  # its model's cells are all done: the actor was let go

@@ -84,6 +84,8 @@ def _artifact_root(uri: str, experiment: str) -> str | None:
 class Tracker:
     """A thin wrapper over ``MlflowClient`` with explicit run ids (no global active run)."""
 
+    enabled = True
+
     def __init__(self, tracking_uri: str | None, experiment: str) -> None:
         import mlflow
         from mlflow.tracking import MlflowClient
@@ -291,3 +293,42 @@ class Tracker:
         self.client.log_artifacts(self.sweep_run_id, str(folder), "analysis")
         for run_id, metrics in cell_metrics.items():
             self._log(run_id, metrics=metrics)
+
+
+class NullTracker:
+    """The tracker of a sweep without MLflow (``tracking.enabled: false``, or before MLflow has
+    started): :class:`Tracker`'s methods, doing nothing, so that callers need not ask."""
+
+    enabled = False
+    uri = experiment = experiment_id = sweep_run_id = None
+    resumed = False
+
+    def start_sweep(self, sweep, parent_run_id: str | None) -> None:
+        return None
+
+    def end_sweep(self, status: str, summary: dict) -> None:
+        pass
+
+    def close_leftovers(self, cell_runs: set[str], stability_runs: set[str]) -> list[str]:
+        return []
+
+    def kill_open(self) -> None:
+        pass
+
+    def log_cell(self, cell, cell_dir: Path) -> None:
+        return None
+
+    def log_failed_cell(self, cell, error: str, cell_dir: Path | None) -> None:
+        return None
+
+    def log_stability(self, key: str, cell, stability: dict, plot: Path | None) -> None:
+        return None
+
+    def log_analysis(self, folder: Path, cell_metrics: dict[str, dict[str, float]]) -> None:
+        pass
+
+
+def or_none(tracker: Tracker | NullTracker) -> Tracker | None:
+    """``tracker``, or None for the null tracker: for the cell-writing methods that still ask
+    ``tracker is not None`` (a null tracker there would add null run ids to the manifest)."""
+    return tracker if tracker.enabled else None
