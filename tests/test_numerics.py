@@ -90,6 +90,7 @@ def test_jaccard(a, b, want):
     assert numerics.jaccard(ua, ub, assume_unique=True) == want
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # sd of [1, inf]: NaN
 def test_spread():
     X = 1.9127555772777218  # np.mean([X, X, X]) > X
     s = numerics.spread([X, X, X])
