@@ -1,12 +1,13 @@
 """Shared vocabulary of the analysis: grouping keys, strict-JSON numbers, cell picking."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 import pandas as pd
+
+from cwa_core.schema import number, strict_number
 
 # Cells pool (over seeds) only within one value of every key here: the evaluation protocol is
 # first, so that nothing measured under two protocols is ever averaged or compared as alike.
@@ -16,22 +17,15 @@ NUMBERS_NOTE = ("Numbers are JSON numbers when finite; an infinite value is the 
                 "perplexity that overflowed: real damage, not missing data); null means missing or undefined")
 
 
-def value(x) -> float:
-    """A number read back from the strict JSON (:func:`num`'s inverse): "inf"/"-inf" as infinities,
-    null as NaN."""
-    return math.nan if x is None else float(x)
+# A number read back from any result file (strict strings, Infinity/NaN tokens, null as NaN): the
+# reader of cwa_core.schema, which also declares the strict encoding that :func:`num` writes.
+value = number
 
 
 def num(x) -> float | str | None:
-    """A strict-JSON number: finite floats as they are, +-inf as "inf"/"-inf", NaN/None as null."""
-    if x is None or x is pd.NA:
-        return None
-    x = float(x)
-    if math.isnan(x):
-        return None
-    if math.isinf(x):
-        return "inf" if x > 0 else "-inf"
-    return x
+    """A strict-JSON number (:func:`cwa_core.schema.strict_number`): finite floats as they are, +-inf
+    as "inf"/"-inf", NaN, None and pandas' NA as null."""
+    return None if x is pd.NA else strict_number(x)
 
 
 def clean(o):

@@ -11,9 +11,11 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from cwa_core.numerics import jaccard, spread
+from cwa_core.schema import CONTROL_KINDS
+
 from .common import GROUP, SCORING, cells_list, key_dict
-from .stats import (FEW_SEEDS, critical_k, holm, jaccard_sorted, loglog_at, paired_test, seed_interval, spread,
-                    window_bootstrap)
+from .stats import FEW_SEEDS, critical_k, holm, loglog_at, paired_test, seed_interval, window_bootstrap
 
 log = logging.getLogger(__name__)
 INTERVALS = {
@@ -143,7 +145,7 @@ def paired_tests(r: pd.DataFrame, opts: CompareOptions) -> list[dict]:
         wide = g.pivot_table(index="seed", columns="selection", values="ratio", aggfunc="first")
         if "top_k" not in wide:
             continue
-        for control in ("random_k", "bottom_k"):
+        for control in CONTROL_KINDS:
             if control not in wide:
                 continue
             pair = wide[["top_k", control]].dropna()
@@ -227,7 +229,7 @@ def stability_table(stab: pd.DataFrame, cells: pd.DataFrame, keys: dict[tuple[st
         for i, a in enumerate(seeds):
             for b in seeds[i + 1:]:
                 extra.append({"cell": cell, "statistic": "jaccard", "a": a, "b": b,
-                              "value": jaccard_sorted(per[a], per[b]), "source": "top_weights"})
+                              "value": jaccard(per[a], per[b], assume_unique=True), "source": "top_weights"})
     if extra:
         rows.append(pd.DataFrame(extra))
     if not rows:

@@ -21,6 +21,8 @@ from typing import Sequence
 
 import pandas as pd
 
+from cwa_core.schema import TAG_CELL, TAG_KIND
+
 from .common import GROUP, NUMBERS_NOTE, clean, cells_list
 from .compare import (INTERVALS, CompareOptions, apply_holm, dose_response, paired_tests, ratio_summary,
                       stability_table, tagged_results)
@@ -33,8 +35,6 @@ from .weights import (PER_LAYER_NOTE, WeightOptions, data_independence, location
 log = logging.getLogger(__name__)
 
 SCHEMA = "cwa.statistical_analysis/1"
-# MLflow tag of a sweep's cell runs (cwa_core.sweep.tracking.TAG_KIND; not imported: it pulls in torch)
-TAG_KIND, TAG_CELL = "cwa.kind", "cwa.cell_id"
 POOLING_NOTE = ("Cells are pooled over seeds only within one protocol, model, metric, K, mode, perturbation and "
                 "variant (a hash of the remaining settings that change a measurement); cells measured under "
                 "different evaluation protocols (corpus, window length, BOS layout, windows, dtype) are never "

@@ -15,14 +15,15 @@ from typing import Callable
 import numpy as np
 from matplotlib.figure import Figure
 
+from cwa_core.schema import PARAM_TYPES, SELECTION_COLORS, SELECTION_KINDS
+from cwa_core.schema import SELECTION_MARKERS as MARKERS
+
 from .common import value
 from .hypotheses import JACCARD_BARS
 
-MARKERS = {"top_k": "o", "random_k": "s", "bottom_k": "^"}
 LINES = ["-", "--", ":", "-."]
 SERIES_MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
 GRAYS = ["0.0", "0.35", "0.6", "0.8"]
-SELECTION_COLORS = {"top_k": "#b2182b", "random_k": "#2166ac", "bottom_k": "#4d4d4d"}
 INF_NOTE = "an upward triangle at the top edge marks an infinite ratio"
 
 
@@ -94,7 +95,7 @@ def ratios_figure(a: dict) -> tuple[Figure, str]:
                          else value(r["geomean"]) for r in mine if math.isfinite(value(r["geomean"]))] + [2.0])
         top = finite_hi * 3
         for gi, g in enumerate(groups):
-            for si, sel in enumerate(("top_k", "random_k", "bottom_k")):
+            for si, sel in enumerate(SELECTION_KINDS):
                 r = next((r for r in mine if (r["protocol"], r["metric"], r["k"], r["mode"], r["perturbation"],
                                               r["variant"]) == g and r["selection"] == sel), None)
                 if r is None or r["geomean"] is None:
@@ -157,7 +158,7 @@ def dose_figure(a: dict) -> tuple[Figure, str]:
         for d in mine:
             ls = LINES[models.index(d["model_name"]) % len(LINES)]
             single |= d["n_k"] == 1
-            for sel in ("top_k", "random_k", "bottom_k"):
+            for sel in SELECTION_KINDS:
                 pts = [(p["k"], value(p[sel]["geomean"])) for p in d["points"] if sel in p and p[sel]["geomean"] is not None]
                 if not pts:
                     continue
@@ -237,7 +238,7 @@ def param_type_figure(a: dict) -> tuple[Figure, str]:
         _empty(ax, "no top weights or statistics")
         return fig, "No top weights or score statistics were found, so no parameter-type map is drawn."
     ylabels = sorted({row_key(r) for r in rows})
-    types = [t for t in ("attention", "mlp", "norm", "embedding", "lm_head") if any(r["category"] == t for r in rows)]
+    types = [t for t in PARAM_TYPES if any(r["category"] == t for r in rows)]
     types += sorted({r["category"] for r in rows} - set(types))
     m = np.full((len(ylabels), len(types)), np.nan)
     for r in rows:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,12 +24,14 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from cwa_core import schema
+
 from .common import display_name
 from .top_weights import LoadOptions, TensorIds, digest_top_weights, read_top_weights
 
 log = logging.getLogger(__name__)
 
-SWEEP_MANIFEST = "sweep_manifest.json"
+SWEEP_MANIFEST = schema.SWEEP_MANIFEST
 # settings that do not change what was measured (where it ran, what was drawn, how it was batched)
 NOT_MEASUREMENT = {"out_dir", "save_plots", "stability_check", "device", "eval_batch_size", "micro_batch",
                    "seeds", "controls", "stability_sample"}
@@ -74,7 +75,7 @@ def find_experiment_dirs(paths: Iterable[str | Path]) -> list[Path]:
         if p.is_file():
             p = p.parent
         for d, dirs, files in os.walk(p):
-            if "manifest.json" in files:
+            if schema.MANIFEST in files:
                 found.add(Path(d).resolve())
                 dirs[:] = []  # an experiment's sub-folders (plots/) hold no experiments
             else:
@@ -132,18 +133,15 @@ def perturbation_label(p: dict | None, settings: dict) -> str:
 # --------------------------------------------------------------------------- one cell
 
 def _results_rows(cell: str, pert: dict) -> list[dict]:
+    """One row per result: its ratio and perplexity read by :mod:`cwa_core.schema`'s one reader
+    (+inf kept; an older file's null read through ``ppl_status``, "unknown" where it has none)."""
     base = (pert.get("baseline") or {}).get("ppl")
     rows = []
     for r in pert.get("results", []):
-        ratio, status, ppl = r.get("ppl_ratio"), r.get("ppl_status"), r.get("ppl")
-        if ratio is None and ppl is not None and base:
-            ratio = ppl / base  # a sweep driver that had no baseline at hand left the division
-        if status is None:  # older files: a null could be inf or nan, we cannot tell
-            status = "finite" if ratio is not None and math.isfinite(ratio) else "unknown"
-        value = ratio if ratio is not None else (math.inf if status == "inf" else math.nan)
+        ratio = schema.read_ratio(r, base)
         rows.append({"cell": cell, "selection": r.get("selection"), "seed": int(r.get("seed", -1)),
-                     "k": r.get("k"), "n_weights": r.get("n_weights"), "ppl": ppl if ppl is not None else
-                     (math.inf if status == "inf" else math.nan), "ratio": float(value), "ppl_status": status})
+                     "k": r.get("k"), "n_weights": r.get("n_weights"), "ppl": schema.read_ppl(r), "ratio": ratio,
+                     "ppl_status": schema.read_status(r, ratio)})
     return rows
 
 
@@ -166,7 +164,7 @@ def _stability_rows(cell: str, st: dict) -> list[dict]:
         for p in (st.get(stat) or {}).get("pairs", []):
             v = p.get("value")
             rows.append({"cell": cell, "statistic": stat, "a": p.get("a"), "b": p.get("b"),
-                         "value": np.nan if v is None else float(v), "source": "stability.json"})
+                         "value": schema.number(v), "source": schema.STABILITY})
     return rows
 
 
@@ -196,26 +194,26 @@ class _Cell:
 
 def _read_cell(d: Path, cell: str, ids: TensorIds, opts: LoadOptions) -> _Cell:
     try:
-        man = _read_json(d / "manifest.json") or {}
+        man = _read_json(d / schema.MANIFEST) or {}
     except json.JSONDecodeError as e:
-        raise _Skip("unreadable", f"manifest.json: {e}") from None
+        raise _Skip("unreadable", f"{schema.MANIFEST}: {e}") from None
     if man.get("status") != "finished":
         raise _Skip(man.get("status"), man.get("error"))
-    pert = _read_json(d / "perturbation_results.json")
+    pert = _read_json(d / schema.PERTURBATION_RESULTS)
     if pert is None:
-        raise _Skip("incomplete", "no perturbation_results.json")
+        raise _Skip("incomplete", f"no {schema.PERTURBATION_RESULTS}")
     settings = man.get("settings") or {}
     prov_model = (man.get("provenance") or {}).get("model") or {}
     proto, derived = protocol_key(man, pert)
-    stats = _read_json(d / "sensitivity_stats.json")
+    stats = _read_json(d / schema.SENSITIVITY_STATS)
     srows = _stats_rows(cell, stats) if stats else []
-    st = _read_json(d / "stability.json")
+    st = _read_json(d / schema.STABILITY)
     out = _Cell(row={}, results=_results_rows(cell, pert), stability=_stability_rows(cell, st) if st else [], stats=srows)
     k, mode = int(pert.get("topk") or settings.get("topk")), pert.get("mode") or settings.get("mode")
     n_layers = prov_model.get("n_layers")
     if n_layers is None and srows:  # older provenance: the deepest block scored
         n_layers = max(r["layer"] for r in srows) + 1
-    tw = d / "top_weights.parquet" if (d / "top_weights.parquet").exists() else d / "top_weights.csv"
+    tw = d / schema.TOP_WEIGHTS_PARQUET if (d / schema.TOP_WEIGHTS_PARQUET).exists() else d / schema.TOP_WEIGHTS_CSV
     n_top = 0
     if tw.exists():
         shapes = {r["parameter"]: (r["n_rows"], r["n_cols"]) for r in srows if r["seed"] == srows[0]["seed"]}
@@ -225,13 +223,13 @@ def _read_cell(d: Path, cell: str, ids: TensorIds, opts: LoadOptions) -> _Cell:
         out.top_weights = tw
         if n_layers is None and len(out.counts):
             n_layers = int(out.counts["layer"].max()) + 1
-    ss = d / "score_sample.parquet"
+    ss = d / schema.SCORE_SAMPLE
     if ss.exists():
         out.sample = pd.read_parquet(ss, columns=["seed", "global_id", "score"])
         out.sample.insert(0, "cell", cell)
-    sw = _read_json(d / "super_weights.json")
+    sw = _read_json(d / schema.SUPER_WEIGHTS)
     out.super_weights = {"cell": cell, **sw} if sw else None
-    wf = d / (pert.get("window_nll") or "window_nll.parquet")
+    wf = d / (pert.get("window_nll") or schema.WINDOW_NLL)
     if wf.is_file():
         out.windows = pd.read_parquet(wf, columns=["selection", "seed", "window", "nll", "tokens"])
         out.windows.insert(0, "cell", cell)

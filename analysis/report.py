@@ -22,6 +22,8 @@ from typing import Callable, Sequence
 from matplotlib.backends.backend_pdf import PdfPages
 from matplotlib.figure import Figure
 
+from cwa_core.schema import SELECTION_KINDS
+
 from .common import clean
 from .figures import FIGURES, saved_caption
 
@@ -181,7 +183,7 @@ def ratios_page(a: dict) -> Figure:
     rows = []
     for key, sel in groups.items():
         cols, how = [], []
-        for s in ("top_k", "random_k", "bottom_k"):
+        for s in SELECTION_KINDS:
             r = sel.get(s)
             cols += ["-", "-"] if r is None else [r["geomean"], _ci(r["ci"])]
             how.append("." if r is None else INTERVAL_CODES.get(r.get("interval_code"), "?"))
@@ -194,8 +196,8 @@ def ratios_page(a: dict) -> Figure:
     note, n_lines = _wrapped(note)
     level = f"{a['options']['compare']['level']:.0%}"
     fig, (t, f) = _page("Perplexity ratios by selection", _table_share(len(rows), n_lines + 1))
-    _table(t, ["model", "metric", "K", "mode", "perturb", "prot", "seeds", "top_k", f"{level} CI", "random_k",
-               f"{level} CI", "bottom_k", f"{level} CI", "how", "inf/miss"], rows,
+    _table(t, ["model", "metric", "K", "mode", "perturb", "prot", "seeds",
+               *[c for sel in SELECTION_KINDS for c in (sel, f"{level} CI")], "how", "inf/miss"], rows,
            f"Geometric-mean perplexity ratio over seeds (perturbed / baseline), {level} intervals", " in ratios.parquet",
            note=note)
     _figure_into(f, "ratios_by_selection", a)

@@ -1,6 +1,7 @@
 """Statistics for a handful of seeds: intervals with known coverage, the paired test of top-K
 against a control, Holm's adjustment, the critical K on a log-log dose-response curve,
-chi-square of two distributions, set overlap and rank correlation.
+chi-square of two distributions. Set overlap, rank correlation and the spread summary are
+:mod:`cwa_core.numerics`' (shared with the science, one rule each).
 
 Degenerate inputs have decided answers (tests/test_analysis.py, tests/test_honest_stats.py):
 - ``seed_interval``: no value -> everything None; one value -> the value, no interval (one seed
@@ -24,6 +25,8 @@ from typing import Sequence
 
 import numpy as np
 
+from cwa_core.numerics import exp_or_inf as _exp
+
 # scipy is imported inside the functions that need it: loading results does not pay for it.
 
 TEST_NAME = ("paired t-test on log ratios (two-sided) when every ratio is finite and the differences vary; "
@@ -43,13 +46,6 @@ def order_quantile(sorted_values: np.ndarray, q: float) -> float:
     n = sorted_values.size
     i = min(max(int(math.ceil(q * n)) - 1, 0), n - 1)
     return float(sorted_values[i])
-
-
-def _exp(v: float) -> float:
-    try:
-        return math.exp(v)
-    except OverflowError:
-        return math.inf
 
 
 def seed_interval(values: Sequence[float], *, level: float = 0.95) -> dict:
@@ -328,36 +324,3 @@ def loglog_at(ks: Sequence[float], ratios: Sequence[float], k: float) -> float |
         return None
     f = (math.log(k) - math.log(k0)) / (math.log(k1) - math.log(k0))
     return float(math.exp(math.log(r0) + f * (math.log(r1) - math.log(r0))))
-
-
-def jaccard_sorted(a: np.ndarray, b: np.ndarray) -> float:
-    """|A ∩ B| / |A ∪ B| of two sorted arrays of unique ids; both empty: 1.0."""
-    inter = np.intersect1d(a, b, assume_unique=True).size
-    union = a.size + b.size - inter
-    return 1.0 if union == 0 else inter / union
-
-
-def spearman(x: Sequence[float], y: Sequence[float]) -> tuple[float | None, int]:
-    """Spearman rank correlation over the pairs where neither side is NaN; (None, n) when fewer
-    than 3 pairs remain or a side is constant (undefined, not 0)."""
-    from scipy import stats
-
-    a, b = _as_array(x), _as_array(y)
-    keep = ~(np.isnan(a) | np.isnan(b))
-    a, b = a[keep], b[keep]
-    n = int(a.size)
-    if n < 3 or np.all(a == a[0]) or np.all(b == b[0]):
-        return None, n
-    rho = stats.spearmanr(a, b).statistic
-    return float(np.clip(rho, -1.0, 1.0)), n
-
-
-def spread(values: Sequence[float]) -> dict:
-    """mean, min, max, sd (n - 1) and n of the non-NaN values; None where undefined."""
-    x = _as_array(values)
-    x = x[~np.isnan(x)]
-    if x.size == 0:
-        return {"n": 0, "mean": None, "min": None, "max": None, "sd": None}
-    lo, hi = float(x.min()), float(x.max())
-    return {"n": int(x.size), "mean": min(max(float(x.mean()), lo), hi), "min": lo, "max": hi,
-            "sd": float(x.std(ddof=1)) if x.size > 1 else None}

@@ -4,16 +4,18 @@ within a model and compared between models: analysis/enrichment.py), the sensiti
 profile of the full score statistics, recurring rows/columns and super-weight candidates."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from itertools import combinations
 
 import numpy as np
 import pandas as pd
 
+from cwa_core.numerics import jaccard, spearman, spread
+
 from .common import SCORING, bin_label, cells_list, key_dict, one_cell_per_seed, relative_depth_bin
 from .enrichment import compare_enrichment, enrichment_rows, goodness_of_fit
 from .load import ResultSet
-from .stats import jaccard_sorted, spearman, spread
 
 SAME_MODEL = ["protocol", "model", "param_types"]  # metrics are compared only within one of these
 PER_LAYER_NOTE = ("per_layer mode takes K weights from every tensor, so where the top-K weights live is fixed by "
@@ -75,7 +77,7 @@ def metric_spearman(rs: ResultSet, indep: dict) -> list[dict]:
             for sa, sb in _seed_pairs(sorted(samples[a]), sorted(samples[b]), ia, ib):
                 x, y = samples[a][sa].align(samples[b][sb], join="inner")
                 rho, n = spearman(x.to_numpy(), y.to_numpy())
-                per.append({"seed_a": sa, "seed_b": sb, "rho": rho, "n_weights": n})
+                per.append({"seed_a": sa, "seed_b": sb, "rho": None if math.isnan(rho) else rho, "n_weights": n})
             rhos = [np.nan if p["rho"] is None else p["rho"] for p in per]
             cells = g[g["metric"].isin([a, b])]["cell"]
             out.append({**key_dict(SAME_MODEL, key), "model_name": g["model_name"].iloc[0], "metric_a": a,
@@ -100,7 +102,7 @@ def topk_overlap(rs: ResultSet, indep: dict) -> list[dict]:
             ia, ib = indep.get((key[0], key[1], a)), indep.get((key[0], key[1], b))
             per = []
             for sa, sb in _seed_pairs(sorted(sets[a]), sorted(sets[b]), ia, ib):
-                j = jaccard_sorted(rs.topk_keys[(sets[a][sa], sa)], rs.topk_keys[(sets[b][sb], sb)])
+                j = jaccard(rs.topk_keys[(sets[a][sa], sa)], rs.topk_keys[(sets[b][sb], sb)], assume_unique=True)
                 per.append({"seed_a": sa, "seed_b": sb, "jaccard": j})
             out.append({**key_dict(by, key), "model_name": g["model_name"].iloc[0], "metric_a": a, "metric_b": b,
                         "per_seed": per, "jaccard": spread([p["jaccard"] for p in per]),

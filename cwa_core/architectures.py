@@ -12,8 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-PARAM_TYPES = ("attention", "mlp", "norm", "embedding", "lm_head")
-DEFAULT_PARAM_TYPES = ("attention", "mlp", "norm")
+from .schema import DEFAULT_PARAM_TYPES, PARAM_TYPES  # noqa: F401  (declared once, torch-free)
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -10,6 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
+
+from .numerics import exp_or_inf as ppl_of_nll  # exp(nll), +inf where it overflows; NaN stays NaN
+from .schema import finite_status  # noqa: F401  (re-exported: "finite", "inf" or "nan")
 
 
 @dataclass(frozen=True)
@@ -79,25 +81,6 @@ def perplexity(
     n_tokens = n * (length - 1)
     nll = total.item() / n_tokens
     return Perplexity(ppl_of_nll(nll), nll, n_tokens, n, length, tuple(per_window.tolist()))
-
-
-def ppl_of_nll(nll: float) -> float:
-    """exp(nll), and +inf where that overflows: a perturbation (an exponent bit flip in fp16 or
-    bf16, say) can make the loss explode; NaN stays NaN. Never raises."""
-    if math.isnan(nll):
-        return math.nan
-    try:
-        return math.exp(nll)
-    except OverflowError:
-        return math.inf
-
-
-def finite_status(x: float | None) -> str:
-    """"finite", "inf" or "nan": what a perplexity was, kept beside it because strict JSON turns
-    non-finite numbers into null (and a null must not read as "missing")."""
-    if x is None or math.isnan(x):
-        return "nan"
-    return "finite" if math.isfinite(x) else "inf"
 
 
 @contextlib.contextmanager

@@ -24,7 +24,9 @@ from .data import (PROTOCOLS, TOKENIZER_LAYOUT, DataSplit, TextFileError, load_w
                    special_tokens_added, text_identity, tokenize)
 from .evaluate import Perplexity, finite_status, model_device, perplexity
 from .metrics import METRICS, ScoreOptions, score
+from .numerics import mean_ratio  # noqa: F401  (re-exported for the command and the tracker)
 from .perturb import PerturbSpec, perturbed
+from .schema import ratios_by_selection  # noqa: F401  (re-exported, as mean_ratio)
 from .selection import KINDS, ScoreCollector, Selection, TensorStats, random_selection, tensor_offsets
 from .stability import jaccard, pairwise, spearman
 from .superweights import CandidateRanks, Coordinate, RankTable, add_ranks, super_weight_study
@@ -301,23 +303,6 @@ def run_experiment(cfg: ExperimentConfig, model: nn.Module, tokenizer, *, progre
         add_ranks(sw_report, {cfg.metric: {ss.seed: RankTable(ss.ranks or []) for ss in seed_scores}})
     return ExperimentResult(cfg, baseline, results, seed_scores, stability, data.describe(), tensor_table(refs), timings,
                             sw_report)
-
-
-def ratios_by_selection(rows: Sequence[dict]) -> dict[str, list[float]]:
-    """Perplexity ratios grouped by selection (top_k, random_k, bottom_k), in seed order. A ratio
-    read back from JSON as null is +inf or NaN, as its row's ``ppl_status`` says."""
-    out: dict[str, list[float]] = {}
-    for r in rows:
-        v = r["ppl_ratio"]
-        if v is None:
-            v = math.inf if r.get("ppl_status") == "inf" else math.nan
-        out.setdefault(r["selection"], []).append(v)
-    return out
-
-
-def mean_ratio(values: Sequence[float]) -> float:
-    """Mean of perplexity ratios over seeds: +inf when one overflowed, NaN when one is NaN."""
-    return math.nan if any(math.isnan(v) for v in values) else sum(values) / len(values)
 
 
 def tensor_table(refs: Sequence[ParamRef]) -> list[dict]:

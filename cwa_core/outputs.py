@@ -1,13 +1,14 @@
 """The files of one experiment: manifest, top weights, statistics, results, plots.
 
 Every file is written atomically (temporary name, then rename), and ``manifest.json`` last,
-so a folder with a manifest is complete; a failed run leaves a manifest saying so.
+so a folder with a manifest is complete; a failed run leaves a manifest saying so. File names
+and the JSON encoding (non-finite numbers written as Infinity/NaN, not null) are
+:mod:`cwa_core.schema`'s.
 """
 from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import os
 import platform
@@ -22,7 +23,9 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from .experiment import WINDOW_NLL_FILE, ExperimentResult, SeedScores
+from . import schema
+from .experiment import ExperimentResult, SeedScores
+from .schema import SUPER_WEIGHT_PLOT
 from .selection import TensorStats
 
 PACKAGES = ("torch", "transformers", "numpy", "scipy", "tokenizers", "safetensors", "ray", "mlflow", "cwa")
@@ -30,7 +33,6 @@ STAT_KEYS = ("count", "mean", "std", "min", "max", "p50", "p95", "p99")
 # coordinates in the nn.Linear convention: row = output channel, col = input channel; expert set
 # for mixture-of-experts tensors only; vectors (norm gains, biases) row = index, col empty;
 # embeddings row = token id (or position), col = channel (see architectures.LAYOUTS)
-SUPER_WEIGHT_PLOT = "super_weight_spikes.png"
 CSV_COLUMNS = ("parameter", "layer", "param_type", "expert", "row", "col", "score", "rank", "seed")
 
 
@@ -42,23 +44,9 @@ def atomic_write(path: Path, data: str | bytes) -> None:
     os.replace(tmp, path)
 
 
-def _clean(o):
-    """JSON-safe: NaN/inf become null (strict JSON), tuples lists, tensors numbers."""
-    if isinstance(o, float):
-        return o if math.isfinite(o) else None
-    if isinstance(o, dict):
-        return {str(k): _clean(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_clean(v) for v in o]
-    if isinstance(o, (np.generic, torch.Tensor)):
-        return _clean(o.item())
-    if isinstance(o, Path):
-        return str(o)
-    return o
-
-
 def write_json(path: Path, obj) -> None:
-    atomic_write(path, json.dumps(_clean(obj), indent=2, allow_nan=False) + "\n")
+    """``obj`` as JSON (:func:`schema.dumps`: non-finite floats as Infinity/NaN, read back as such)."""
+    atomic_write(path, schema.dumps(obj))
 
 
 # --------------------------------------------------------------------------- provenance
@@ -233,13 +221,13 @@ def score_sample_table(seed_scores: Sequence[SeedScores], tensors: Sequence[dict
 
 def window_nll_table(result: ExperimentResult) -> dict | None:
     """Per evaluation window the summed NLL (nats) and its predictions, for the baseline
-    (selection "baseline", seed -1) and every evaluated selection and seed: the rows of
+    (selection :data:`schema.BASELINE`, seed -1) and every evaluated selection and seed: the rows of
     ``window_nll.parquet`` (None when the perplexities carry no per-window sums)."""
     base = result.baseline.window_nll
     if base is None:
         return None
     tokens = result.baseline.window_length - 1
-    parts = [("baseline", -1, base)] + [(r["selection"], r["seed"], r.get("window_nll")) for r in result.results]
+    parts = [(schema.BASELINE, -1, base)] + [(r["selection"], r["seed"], r.get("window_nll")) for r in result.results]
     cols: dict[str, list] = {"selection": [], "seed": [], "window": [], "nll": [], "tokens": []}
     for sel, seed, nll in parts:
         if nll is None or len(nll) != len(base):
@@ -271,29 +259,29 @@ def write_experiment(out_dir: str | Path, result: ExperimentResult, *, model_inf
         files.append(name)
 
     rows = top_weights_rows(result.seed_scores, result.tensors, cfg.topk, cfg.mode)
-    write_csv(out / "top_weights.csv", CSV_COLUMNS, rows)
-    write_parquet(out / "top_weights.parquet", top_weights_table(rows))
-    write_parquet(out / "score_sample.parquet", score_sample_table(result.seed_scores, result.tensors))
-    files += ["top_weights.csv", "top_weights.parquet", "score_sample.parquet"]
+    write_csv(out / schema.TOP_WEIGHTS_CSV, CSV_COLUMNS, rows)
+    write_parquet(out / schema.TOP_WEIGHTS_PARQUET, top_weights_table(rows))
+    write_parquet(out / schema.SCORE_SAMPLE, score_sample_table(result.seed_scores, result.tensors))
+    files += [schema.TOP_WEIGHTS_CSV, schema.TOP_WEIGHTS_PARQUET, schema.SCORE_SAMPLE]
     stats = {"metric": cfg.metric, "per_seed": [stats_report(ss) for ss in result.seed_scores]}
-    put_json("sensitivity_stats.json", stats)
+    put_json(schema.SENSITIVITY_STATS, stats)
     windows = window_nll_table(result)
     if windows is not None:
-        write_parquet(out / WINDOW_NLL_FILE, windows)
-        files.append(WINDOW_NLL_FILE)
+        write_parquet(out / schema.WINDOW_NLL, windows)
+        files.append(schema.WINDOW_NLL)
     perturbation = result.perturbation_report()
-    put_json("perturbation_results.json", perturbation)
+    put_json(schema.PERTURBATION_RESULTS, perturbation)
     if result.stability is not None:
-        put_json("stability.json", result.stability)
+        put_json(schema.STABILITY, result.stability)
     if result.super_weights is not None:
-        put_json("super_weights.json", result.super_weights)
+        put_json(schema.SUPER_WEIGHTS, result.super_weights)
     timings = {**(extra_timings or {}), **result.timings}
     plots_failed: dict[str, str] = {}
     if result.super_weights is not None:  # detection's figure: drawn whenever detection ran
         try:
             from .superweight_plots import plot_super_weight_spikes
 
-            path = plot_super_weight_spikes(result.super_weights, out / "plots" / SUPER_WEIGHT_PLOT)
+            path = plot_super_weight_spikes(result.super_weights, out / schema.PLOTS_DIR / SUPER_WEIGHT_PLOT)
             files.append(str(Path(path).relative_to(out)))
         except Exception as e:  # noqa: BLE001 - a figure is the least important output
             plots_failed[SUPER_WEIGHT_PLOT] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
@@ -321,17 +309,17 @@ def write_experiment(out_dir: str | Path, result: ExperimentResult, *, model_inf
         "provenance": provenance(device, dtype, model_info),
         "timings_s": timings,
         "peak_memory": peak_memory(),
-        "files": files + ["manifest.json"],
+        "files": files + [schema.MANIFEST],
         "plots_failed": plots_failed,
     }
-    write_json(out / "manifest.json", manifest)
+    write_json(out / schema.MANIFEST, manifest)
     return manifest
 
 
 def write_failure(out_dir: str | Path, cfg_dict: dict, error: BaseException, started: float) -> None:
     """A manifest that records a failed run (what was asked, what went wrong)."""
-    write_json(Path(out_dir) / "manifest.json", {
+    write_json(Path(out_dir) / schema.MANIFEST, {
         "status": "failed", "error": f"{type(error).__name__}: {error}", "settings": cfg_dict,
         "provenance": provenance("?", "?", None), "timings_s": {"total": time.perf_counter() - started},
-        "peak_memory": peak_memory(), "files": ["manifest.json"],
+        "peak_memory": peak_memory(), "files": [schema.MANIFEST],
     })

@@ -16,9 +16,10 @@ import numpy as np
 import torch
 
 from .architectures import ParamRef
+from .schema import SELECTION_KINDS
 
 MODES = ("per_layer", "global")
-KINDS = ("top_k", "bottom_k", "random_k")
+KINDS = SELECTION_KINDS  # top_k, random_k, bottom_k: the one order (cwa_core.schema)
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Degenerate numbers, fed straight to every figure and statistic of one experiment.
 
 All seeds equal, one seed, a single weight, K equal to the tensor size, all-zero scores, ties,
-inf and NaN scores, inf and NaN perplexities (in memory and as JSON null + ppl_status), ratios
+inf and NaN scores, inf and NaN perplexities (in memory, as JSON Infinity/NaN, and as the null +
+ppl_status of files written before non-finite numbers were written explicitly), ratios
 below 1, missing controls, empty sets, constant inputs. Statistics are checked against
 hand-computed values; figures must be real PNGs, and what they draw is read back from the
 figure (axis scale, bar heights, label text).
@@ -191,9 +192,9 @@ def test_pairwise_without_pairs_and_with_equal_values(tmp_path):
     for seeds in ([0], []):  # one seed (or none): no pair, summaries NaN
         out = pairwise([torch.tensor([1])] * len(seeds), seeds, jaccard)
         assert out["pairs"] == [] and all(math.isnan(out[k]) for k in ("mean", "min", "max"))
-        write_json(tmp_path / "s.json", out)  # ... which the strict JSON writer turns into null
-        assert json.loads((tmp_path / "s.json").read_text()) == {
-            "pairs": [], "mean": None, "min": None, "max": None}
+        write_json(tmp_path / "s.json", out)  # ... which the writer keeps explicit (NaN, not null)
+        back = json.loads((tmp_path / "s.json").read_text())
+        assert back["pairs"] == [] and all(math.isnan(back[k]) for k in ("mean", "min", "max"))
     out = pairwise([0, 1, 2], [0, 1, 2], lambda a, b: X)  # equal values: mean not an ulp above
     assert (out["mean"], out["min"], out["max"]) == (X, X, X)
     out = pairwise([0, 1], [4, 5], lambda a, b: NAN)  # every pair undefined
@@ -363,8 +364,19 @@ def _pert(cells: list[tuple[str, int, float]], baseline: float = 5.0) -> dict:
 
 
 def _as_json(obj: dict, tmp_path: Path) -> dict:
-    write_json(tmp_path / "perturbation_results.json", obj)  # the experiment's own strict writer
+    write_json(tmp_path / "perturbation_results.json", obj)  # the experiment's own writer
     return json.loads((tmp_path / "perturbation_results.json").read_text())
+
+
+def _as_old_json(obj: dict) -> dict:
+    """As files were written before non-finite numbers were explicit: every one of them null."""
+    def null(o):
+        if isinstance(o, dict):
+            return {k: null(v) for k, v in o.items()}
+        if isinstance(o, list):
+            return [null(v) for v in o]
+        return None if isinstance(o, float) and not math.isfinite(o) else o
+    return json.loads(json.dumps(null(obj), allow_nan=False))
 
 
 def test_perturbation_equal_seeds_and_one_seed(tmp_path, figs):
@@ -377,7 +389,7 @@ def test_perturbation_equal_seeds_and_one_seed(tmp_path, figs):
     assert "1 seed: 3" in figure_texts(figs[1])
 
 
-@pytest.mark.parametrize("form", ["memory", "json"])
+@pytest.mark.parametrize("form", ["memory", "json", "old json"])
 def test_perturbation_inf_and_nan_are_drawn_not_dropped(form, tmp_path, figs):
     cells = [("top_k", 0, INF), ("top_k", 1, 8.0), ("top_k", 2, 9.0),
              ("random_k", 0, 1.01), ("random_k", 1, NAN), ("random_k", 2, 1.03),
@@ -385,6 +397,10 @@ def test_perturbation_inf_and_nan_are_drawn_not_dropped(form, tmp_path, figs):
     results = _pert(cells)
     if form == "json":
         results = _as_json(results, tmp_path)
+        assert results["results"][0]["ppl_ratio"] == INF and results["results"][0]["ppl_status"] == "inf"
+        assert math.isnan(results["results"][4]["ppl_ratio"]) and results["results"][4]["ppl_status"] == "nan"
+    if form == "old json":
+        results = _as_old_json(results)
         assert results["results"][0]["ppl_ratio"] is None and results["results"][0]["ppl_status"] == "inf"
     assert_real_png(plots.plot_perturbation_effects(results, tmp_path / "p.png"))
     ax = figs[0].axes[0]

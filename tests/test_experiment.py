@@ -11,6 +11,7 @@ from transformers import AutoTokenizer
 from cwa_core.config import ExperimentConfig
 from cwa_core.experiment import run_experiment
 from cwa_core.outputs import write_experiment
+from cwa_core.schema import RESULT_FIELDS
 from conftest import STORIES, TINYSTORIES
 from tiny_models import TINY_TYPES, tiny_model
 
@@ -89,3 +90,4 @@ def test_outputs_are_complete_sorted_and_traceable(tokenizer, tmp_path):
     assert layer0["count"] == sum(t["count"] for t in first["per_tensor"] if t["layer"] == 0)
     pr = json.loads((tmp_path / "perturbation_results.json").read_text())
     assert pr["baseline"]["ppl"] > 1 and len(pr["results"]) == 9 and pr["window_length"] == 32
+    assert all(tuple(r) == RESULT_FIELDS for r in pr["results"])  # the row as cwa_core.schema declares it

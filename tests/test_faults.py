@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -23,6 +24,7 @@ import torch
 import yaml
 
 import orchestrator
+from cwa_core.schema import finite_status
 from cwa_core.sweep import runner as runner_mod
 from cwa_core.sweep import spec as sweep_spec
 from cwa_core.sweep.runner import SweepRunner
@@ -320,7 +322,7 @@ def test_the_same_sweep_gives_the_same_numbers_whatever_the_cell_order_and_actor
 def test_an_overflowing_perturbation_is_recorded_and_drawn_as_non_finite_and_the_sweep_goes_on(tmp_path):
     """An exponent bit flip in bf16 sends the (tied) embedding weights to ~1e38 or inf: the logits
     overflow (the decoder's float32 norms alone would absorb it: flips inside the blocks give a
-    finite, uniform-looking output). The perplexity is recorded as non-finite (null + ppl_status),
+    finite, uniform-looking output). The perplexity is recorded as non-finite (Infinity/NaN + ppl_status),
     drawn as such, logged as such, and the other cell finishes normally."""
     f = _sweep_file(tmp_path, name="overflow", dtype="bf16", metric="magnitude", save_plots=True, topk=200,
                     param_types=["embedding"], perturb={"grid_search": ["bit_flip", "zero"]})
@@ -332,7 +334,8 @@ def test_an_overflowing_perturbation_is_recorded_and_drawn_as_non_finite_and_the
         statuses[c["settings"]["perturb"]] = {r["selection"]: r["ppl_status"] for r in res["results"]}
         if c["settings"]["perturb"] == "bit_flip":
             assert res["perturbation"]["bit"] == 14  # the bf16 exponent's highest bit, recorded
-            assert all(r["ppl"] is None and r["ppl_ratio"] is None for r in res["results"])
+            assert all(not math.isfinite(r["ppl"]) and not math.isfinite(r["ppl_ratio"]) for r in res["results"])
+            assert all(finite_status(r["ppl"]) == r["ppl_status"] for r in res["results"])  # written explicitly
             assert {r["ppl_status"] for r in res["results"]} == {"inf", "nan"}  # both kinds, each marked
             manifest = json.loads((tmp_path / "out" / cid / "manifest.json").read_text())
             assert manifest["plots_failed"] == {} and "plots/perturbation_effects.png" in manifest["files"]

@@ -15,6 +15,7 @@ import numpy as np
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
+from .. import schema
 from . import style
 from .style import (
     _OKABE_ITO, NAN_LABEL, _num, _plural, _seeds_caption, _sorted_seeds, _figure, _fmt, _note_below,
@@ -23,13 +24,10 @@ from .style import (
 log = logging.getLogger(__name__)
 
 
-_SELECTION_ORDER = ("top_k", "random_k", "bottom_k")
-_SELECTION_LABELS = {"top_k": "top-K", "random_k": "random-K", "bottom_k": "bottom-K"}
-_SELECTION_COLORS = {
-    "top_k": _OKABE_ITO["vermillion"],
-    "random_k": _OKABE_ITO["blue"],
-    "bottom_k": _OKABE_ITO["green"],
-}
+# the selections' one order, labels and palette (Okabe-Ito) are declared in cwa_core.schema
+_SELECTION_ORDER = schema.SELECTION_KINDS
+_SELECTION_LABELS = schema.SELECTION_LABELS
+_SELECTION_COLORS = schema.SELECTION_COLORS
 _INF_HATCH = "//"
 INF_LABEL = "inf (overflow)"  # label of a bar whose perplexity overflowed
 

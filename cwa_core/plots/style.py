@@ -22,6 +22,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ..schema import PARAM_TYPES  # noqa: E402
+
 log = logging.getLogger(__name__)
 
 DPI = 150
@@ -37,7 +39,7 @@ _OKABE_ITO = {
     "purple": "#CC79A7",
     "black": "#000000",
 }
-_TYPE_ORDER = ("attention", "mlp", "norm", "embedding", "lm_head")
+_TYPE_ORDER = PARAM_TYPES  # cwa_core.schema's display order
 _TYPE_COLORS = {
     "attention": _OKABE_ITO["blue"],
     "mlp": _OKABE_ITO["orange"],

@@ -29,17 +29,12 @@ from pathlib import Path
 
 from ..evaluate import finite_status
 from ..experiment import mean_ratio, ratios_by_selection
+from ..schema import (TAG_CELL, TAG_ERROR, TAG_KIND, TAG_PLOTS_FAILED, TAG_STABILITY, TAG_SUPERSEDED,  # noqa: F401
+                      TAG_SWEEP, TAG_SWEEP_RUN)
 from .faults import maybe_fault
 
 log = logging.getLogger(__name__)
 
-TAG_CELL = "cwa.cell_id"
-TAG_KIND = "cwa.kind"
-TAG_SWEEP = "cwa.sweep"
-TAG_STABILITY = "cwa.stability_key"
-TAG_SWEEP_RUN = "cwa.sweep_run_id"
-TAG_SUPERSEDED = "cwa.superseded"
-TAG_ERROR = "cwa.error"
 # MLflow 3 shows an experiment without this tag as a GenAI one (an empty overview page)
 EXPERIMENT_KIND = "mlflow.experimentKind"
 MODEL_DEVELOPMENT = "custom_model_development"
@@ -225,7 +220,7 @@ class Tracker:
         run_id = self._run(name, None, {TAG_CELL: cell.id, TAG_KIND: "cell", TAG_SWEEP: self.experiment})
         means = {k: mean_ratio(v) for k, v in ratios_by_selection(result["results"]).items()}
         if manifest.get("plots_failed"):
-            self.client.set_tag(run_id, "cwa.plots_failed", "; ".join(f"{k}: {v}" for k, v in manifest["plots_failed"].items())[:5000])
+            self.client.set_tag(run_id, TAG_PLOTS_FAILED, "; ".join(f"{k}: {v}" for k, v in manifest["plots_failed"].items())[:5000])
         extra = {}
         if (cell_dir / "stability.json").exists():  # on the cell's row too, to sort and compare
             stab = json.loads((cell_dir / "stability.json").read_text())
