@@ -6,8 +6,9 @@ second for scipy, and ``analysis/`` never imports torch). Degenerate inputs have
 answers (tests/test_numerics.py, tests/test_degenerate.py):
 
 - :func:`jaccard`: two empty sets are identical (1.0); one empty set against a non-empty one 0.0.
-- :func:`spearman`: Spearman's rho as ``scipy.stats.spearmanr`` computes it, bit for bit: the
-  Pearson correlation of average ranks (ties share the mean of the ranks they span). A pair
+- :func:`spearman`: Spearman's rho as ``scipy.stats.spearmanr`` defines it (to the last ulp or
+  two: the arithmetic is the one ``cwa_core.stability`` has always used, so recorded stability
+  values stay bit for bit what they were): the Pearson correlation of average ranks (ties share the mean of the ranks they span). A pair
   with NaN on either side is left out (a failed score says nothing about order); +-inf are
   ordinary extreme values (+inf ranks first); NaN when fewer than two pairs remain or either
   side is constant over them (undefined, not 0 or 1).
@@ -52,8 +53,9 @@ def average_ranks(x: np.ndarray) -> np.ndarray:
 def spearman(x: Sequence[float], y: Sequence[float]) -> tuple[float, int]:
     """(rho, n): Spearman's rank correlation of two equally long samples over the ``n`` pairs
     where neither side is NaN; rho is NaN when ``n`` < 2 or a side is constant (see the module
-    docstring). The arithmetic is scipy's (``np.corrcoef`` of the rank columns, ``rowvar=False``),
-    so that the value equals ``scipy.stats.spearmanr`` bit for bit."""
+    docstring). The arithmetic is ``np.corrcoef(ranks_x, ranks_y)``, the layout stability.json
+    values were always computed with (scipy stacks the rank columns, ``rowvar=False``: the same
+    number up to the summation order, within 2 ulp; tests/test_numerics.py)."""
     a = np.asarray(x, dtype=np.float64).ravel()
     b = np.asarray(y, dtype=np.float64).ravel()
     if a.size != b.size:
@@ -64,9 +66,8 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> tuple[float, int]:
     n = int(a.size)
     if n < 2 or np.all(a == a[0]) or np.all(b == b[0]):
         return math.nan, n
-    ranks = np.column_stack((average_ranks(a), average_ranks(b)))  # (n, 2)
     # ranks are finite even where scores are inf, so the correlation itself is well defined
-    return float(np.clip(np.corrcoef(ranks, rowvar=False)[1, 0], -1.0, 1.0)), n
+    return float(np.clip(np.corrcoef(average_ranks(a), average_ranks(b))[0, 1], -1.0, 1.0)), n
 
 
 def spread(values: Sequence[float]) -> dict:
