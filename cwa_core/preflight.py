@@ -21,7 +21,7 @@ import torch
 from .architectures import arch_spec, scored_params
 from .config import DATA_FIELDS, ConfigError, ExperimentConfig, settings_key
 from .data import DataSplit
-from .demo import BUILTIN, BUILTIN_KEYS, uses_builtin
+from .demo import BUILTIN, BUILTIN_KEYS, ensure_demo_assets, resolve_builtin, uses_builtin
 from .perturb import PERTURBATIONS, check_bit
 from .metrics import UnsupportedTensorError, check_supported
 from .models import (ModelLoadError, load_config, load_tokenizer, locate_model, model_context,
@@ -187,8 +187,6 @@ class Preflight:
             check(cfg)
             out.append(cfg)
         if any(uses_builtin(cfg.to_dict()) for cfg in out):
-            from .demo import ensure_demo_assets, resolve_builtin
-
             assets = ensure_demo_assets(progress=True)
             for i, cfg in enumerate(out):
                 named = {k: getattr(cfg, k) for k in BUILTIN_KEYS}
