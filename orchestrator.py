@@ -180,12 +180,16 @@ def _sweep_summary(root: Path, sweep) -> None:
 
 
 def run_single(args: argparse.Namespace) -> int:
+    """One experiment: a one-cell plan run in-process, through the worker the sweep's actors
+    are (:class:`~cwa_core.sweep.worker.ModelWorker`) and the cell the sweep's cells are
+    (:func:`cwa_core.cell.run_cell`)."""
+    from cwa_core.cell import run_cell
     from cwa_core.config import ConfigError
-    from cwa_core.demo import resolve_builtin, uses_builtin
-    from cwa_core.experiment import BaselineError, run_experiment
-    from cwa_core.models import ModelLoadError, load_model
+    from cwa_core.experiment import BaselineError
+    from cwa_core.models import ModelLoadError
     from cwa_core.outputs import write_experiment, write_failure
     from cwa_core.preflight import Preflight
+    from cwa_core.sweep.worker import ModelWorker
 
     cfg = config_from_args(args)
     if (Path(cfg.out_dir) / "manifest.json").exists() and not args.overwrite:
@@ -193,27 +197,18 @@ def run_single(args: argparse.Namespace) -> int:
                          "choose another folder or pass --overwrite")
     pf = Preflight()
     try:  # every check before any work: the model's config, then (demo built) the data
-        cfg = pf.resolve(cfg)
-        pf.check_model(cfg)
-        if uses_builtin(cfg.to_dict()):
-            cfg = replace(cfg, **{k: v for k, v in resolve_builtin(cfg.to_dict()).items()
-                                  if k in ("model", "data_file", "eval_file")})
-            pf.check_model(cfg)
-        data = pf.check_data(cfg)
+        [cfg] = pf.prepare([cfg])
+        data = pf.check_data(cfg)  # checked already: the split, tokenized once
     except ConfigError as e:
         raise UsageError(_flag_message(e)) from None
     started = time.perf_counter()
     try:
-        loaded = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, revision=cfg.revision,
-                            trust_remote_code=cfg.trust_remote_code)
+        worker = ModelWorker(cfg, progress=not args.no_progress)
     except (ModelLoadError, ValueError) as e:
         raise UsageError(f"--model: {e}") from None
-    load_s = time.perf_counter() - started
+    worker.use_split(cfg, data)
     try:
-        info = loaded.info
-        result = run_experiment(cfg, loaded.model, loaded.tokenizer, progress=not args.no_progress, data=data,
-                                model_id=info.model_id, hf_id=cfg.hf_id or (info.model_id if info.source == "hub" else None),
-                                dtype=info.dtype)
+        result = run_cell(worker, cfg, progress=not args.no_progress)
     except ConfigError as e:  # a metric that cannot score a tensor of this model, say
         raise UsageError(_flag_message(e)) from None
     except BaselineError as e:
@@ -223,10 +218,10 @@ def run_single(args: argparse.Namespace) -> int:
     except BaseException as e:
         write_failure(cfg.out_dir, cfg.to_dict(), e, started)
         raise
-    info = loaded.info
+    info = worker.loaded.info
     manifest = write_experiment(cfg.out_dir, result, model_info=info.__dict__,
                                 device=info.device, dtype=info.dtype, started=started,
-                                extra_timings={"model_load": load_s})
+                                extra_timings={"model_load": worker.load_seconds})
     _summary(result, manifest, cfg.out_dir)
     return 0
 

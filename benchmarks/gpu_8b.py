@@ -1,8 +1,9 @@
 """The standard experiment on Llama-3.1-8B and Mistral-7B shapes, one GPU, stage by stage.
 
 Each model is built from its published config (shapes only: random bf16 weights, nothing
-downloaded) directly on the GPU, then runs what ``cwa_core.experiment.run_experiment`` runs:
-baseline perplexity; for seeds 0, 1, 2: grad_x_weight scoring (per_layer, K=500, 30 calibration
+downloaded) directly on the GPU, then runs the standard experiment through the executor that
+every experiment runs through (``cwa_core.cell.run_cell``, its stages timed): baseline
+perplexity; for seeds 0, 1, 2: grad_x_weight scoring (per_layer, K=500, 30 calibration
 windows) and sign_flip evaluations of top_k and the random_k and bottom_k controls; the
 stability report; plus magnitude global top-1000. Reported per stage: wall time and peak GPU
 memory; for the perplexity pass: tokens per second and model FLOP utilisation (MFU).
@@ -29,12 +30,10 @@ import torch
 
 from benchmarks import common
 from cwa_core.architectures import scored_params
+from cwa_core.cell import Worker, run_cell
+from cwa_core.config import ExperimentConfig
 from cwa_core.data import TokenStream, split
 from cwa_core.evaluate import perplexity
-from cwa_core.experiment import evaluate_selection, score_seed, stability_report
-from cwa_core.metrics import ScoreOptions
-from cwa_core.perturb import PerturbSpec
-from cwa_core.selection import tensor_offsets
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +123,9 @@ class Stages:
 
     @contextmanager
     def __call__(self, stage: str):
+        if stage not in self.seconds:  # a stage of the executor's not reported here (data)
+            yield
+            return
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -138,22 +140,36 @@ class Stages:
             self.calls[stage] += 1
 
 
-def _score(model, refs, data, plan: Plan, seed: int, metric: str, k: int, modes):
-    """score_seed; if the one-pass calibration batch does not fit, micro-batch it and retry."""
-    mb = plan.micro_batch
-    while True:
-        try:
-            return score_seed(model, refs, data, metric=metric, seed=seed, k=k, modes=modes,
-                              max_samples=plan.calib_windows, opts=ScoreOptions(micro_batch=mb)), mb
-        except torch.OutOfMemoryError:
-            if mb == 1:
-                raise
-        # outside the except block: the exception's frames (and their tensors) are gone
-        mb = max(1, math.ceil((mb or plan.calib_windows) / 3))
-        log.warning("out of memory while scoring: retrying with micro_batch=%d", mb)
-        print(f"  out of memory while scoring: retrying with micro_batch={mb}", flush=True)
-        gc.collect()
-        torch.cuda.empty_cache()
+class BenchWorker(Worker):
+    """The executor's worker on a model built in memory; a scoring pass that runs out of memory
+    is micro-batched and run again (and so are the passes after it)."""
+
+    def __init__(self, model, plan: Plan) -> None:
+        super().__init__(model, None)
+        self.micro_batch, self.calib_windows = plan.micro_batch, plan.calib_windows
+
+    def score(self, cfg: ExperimentConfig, seed: int, k: int, modes, track=()) -> dict:
+        while True:
+            try:
+                return super().score(replace(cfg, micro_batch=self.micro_batch), seed, k, modes, track)
+            except torch.OutOfMemoryError:
+                if self.micro_batch == 1:
+                    raise
+            # outside the except block: the exception's frames (and their tensors) are gone
+            self.micro_batch = mb = max(1, math.ceil((self.micro_batch or self.calib_windows) / 3))
+            log.warning("out of memory while scoring: retrying with micro_batch=%d", mb)
+            print(f"  out of memory while scoring: retrying with micro_batch={mb}", flush=True)
+            gc.collect()
+            torch.cuda.empty_cache()
+
+
+def experiment_config(name: str, plan: Plan, device: torch.device) -> ExperimentConfig:
+    """The plan as the executor's cell (its data: :func:`random_data`, given to the worker)."""
+    return ExperimentConfig(model=name, metric=plan.metric, topk=plan.k, mode=plan.mode, perturb=plan.perturb,
+                            controls=plan.controls, seeds=plan.seeds, max_samples=plan.calib_windows,
+                            max_length=plan.calib_length, eval_samples=plan.eval_windows, eval_length=plan.eval_length,
+                            eval_batch_size=plan.eval_batch_size, micro_batch=plan.micro_batch, stability_check=True,
+                            device=device.type, dtype="bf16")
 
 
 def run_model(name: str, plan: Plan, device: torch.device, dtype: torch.dtype, smoke: bool) -> dict:
@@ -166,35 +182,26 @@ def run_model(name: str, plan: Plan, device: torch.device, dtype: torch.dtype, s
     n_params = common.n_params(model)
     emb = model.get_input_embeddings().weight.numel()
     flops_per_token = 2 * (n_params - emb)  # every weight in a matmul; the embedding is a lookup
+    cell = experiment_config(name, plan, device)
+    worker = BenchWorker(model, plan)
     data = random_data(cfg.vocab_size, plan)
+    worker.use_split(cell, data)
     ev = data.eval_windows()
     eval_tokens = ev.numel()
 
     t = time.perf_counter()  # one untimed batch first: kernel selection, allocator warm-up
     perplexity(model, ev[: plan.eval_batch_size], batch_size=plan.eval_batch_size)
     warmup_s = time.perf_counter() - t
-    with st("baseline_ppl"):
-        baseline = perplexity(model, ev, batch_size=plan.eval_batch_size)
+    # the standard experiment, stage by stage (baseline_ppl, score, perturb_eval, stability)
+    result = run_cell(worker, cell, stage=st)
     base_s = st.seconds["baseline_ppl"]
-
-    spec = PerturbSpec(plan.perturb)
-    results, seed_scores, score_s = [], [], []
-    for seed in plan.seeds:
-        with st("score"):
-            ss, used_mb = _score(model, refs, data, plan, seed, plan.metric, plan.k, (plan.mode,))
-            plan = replace(plan, micro_batch=used_mb)
-        score_s.append(ss.seconds)
-        seed_scores.append(ss)
-        for kind in ("top_k", *plan.controls):
-            with st("perturb_eval"):
-                results.append(evaluate_selection(
-                    model, refs, ss.selection(kind, plan.mode), PerturbSpec(spec.method, seed=seed), ev, baseline,
-                    seed=seed, batch_size=plan.eval_batch_size))
-    with st("stability"):
-        stability = stability_report(seed_scores, k=plan.k, mode=plan.mode, offsets=tensor_offsets(refs))
+    baseline, results, stability = result.baseline, result.results, result.stability
+    score_s = [ss.seconds for ss in result.seed_scores]
     with st("magnitude_global_top1000"):
-        mag, _ = _score(model, refs, data, plan, 0, "magnitude", plan.magnitude_k, ("global",))
+        mag = worker.score(replace(cell, metric="magnitude", mode="global", topk=plan.magnitude_k), 0,
+                           plan.magnitude_k, ("global",))["scores"]
     top_mag = mag.selection("top_k", "global")
+    plan = replace(plan, micro_batch=worker.micro_batch)
 
     n_evals = len(results)
     eval_s = st.seconds["perturb_eval"] / max(1, n_evals)
@@ -222,7 +229,7 @@ def run_model(name: str, plan: Plan, device: torch.device, dtype: torch.dtype, s
         "stability_jaccard_mean": stability["jaccard"]["mean"],
         "magnitude_top1000": {"n": len(top_mag), "largest": float(top_mag.scores[0])},
     }
-    del model, refs, seed_scores, mag
+    del model, refs, worker, result, mag
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()

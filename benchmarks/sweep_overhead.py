@@ -36,43 +36,25 @@ def sweep_dict(quick: bool, actors: int = 1) -> dict:
 
 
 def plain_loop(sweep, out: Path) -> dict:
-    """What a researcher's script would do with cwa_core alone, sharing the same work."""
-    from cwa_core.experiment import (ExperimentResult, evaluate_selection, load_split, score_seed, stability_report,
-                                     tensor_table)
-    from cwa_core.evaluate import perplexity
-    from cwa_core.architectures import scored_params
-    from cwa_core.metrics import ScoreOptions
-    from cwa_core.models import load_model
+    """What a researcher's script would do with cwa_core alone, sharing the same work: one
+    in-process worker, one baseline, one scoring pass per metric and seed (at the largest K, every
+    mode), then each cell run by the executor with those passes (:func:`cwa_core.cell.run_cell`)."""
+    from cwa_core.cell import Shared, run_cell
     from cwa_core.outputs import write_experiment
-    from cwa_core.perturb import PerturbSpec
-    from cwa_core.selection import tensor_offsets
+    from cwa_core.sweep.worker import ModelWorker
 
     cfg0 = sweep.cells[0].config
-    lm = load_model(cfg0.model, dtype=cfg0.dtype, device=cfg0.device)
-    split = load_split(cfg0, lm.tokenizer)
-    refs = scored_params(lm.model, cfg0.param_types)
-    base = perplexity(lm.model, split.eval_windows(), batch_size=cfg0.eval_batch_size)
+    worker = ModelWorker(cfg0)
+    base = worker.baseline(cfg0)
     k_max = max(c.config.topk for c in sweep.cells)
-    modes = sorted({c.config.mode for c in sweep.cells})
-    scores = {}
-    for metric in sorted({c.config.metric for c in sweep.cells}):
-        for seed in cfg0.seeds:
-            scores[(metric, seed)] = score_seed(lm.model, refs, split, metric=metric, seed=seed, k=k_max, modes=modes,
-                                                max_samples=cfg0.max_samples, opts=ScoreOptions(cfg0.micro_batch))
+    modes = tuple(sorted({c.config.mode for c in sweep.cells}))
+    scores = {(metric, seed): worker.score(replace(cfg0, metric=metric), seed, k_max, modes)
+              for metric in sorted({c.config.metric for c in sweep.cells}) for seed in cfg0.seeds}
+    info = worker.loaded.info
     for cell in sweep.cells:
-        cfg = cell.config
-        rows = []
-        for seed in cfg.seeds:
-            ss = scores[(cfg.metric, seed)]
-            for kind in ("top_k", *cfg.controls):
-                rows.append(evaluate_selection(lm.model, refs, ss.selection(kind, cfg.mode, cfg.topk),
-                                               PerturbSpec(cfg.perturb, cfg.perturb_scale, cfg.perturb_bit, seed),
-                                               split.eval_windows(), base, seed=seed, batch_size=cfg.eval_batch_size))
-        seed_scores = [scores[(cfg.metric, s)] for s in cfg.seeds]
-        stab = stability_report(seed_scores, k=cfg.topk, mode=cfg.mode, offsets=tensor_offsets(refs))
-        res = ExperimentResult(replace(cfg, out_dir=str(out / cell.id)), base, rows, seed_scores, stab,
-                               split.describe(), tensor_table(refs), {})
-        write_experiment(out / cell.id, res, model_info=lm.info.__dict__, device=lm.info.device, dtype=lm.info.dtype,
+        cfg = replace(cell.config, out_dir=str(out / cell.id))
+        res = run_cell(worker, cfg, shared=Shared(base, None, {s: scores[(cfg.metric, s)] for s in cfg.seeds}))
+        write_experiment(out / cell.id, res, model_info=info.__dict__, device=info.device, dtype=info.dtype,
                          started=time.perf_counter())
     return {"model_loads": 1}
 

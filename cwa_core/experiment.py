@@ -1,8 +1,8 @@
 """One experiment: load -> score -> select -> perturb -> evaluate -> record.
 
 The stages are separate functions so that the sweep layer can share work between cells
-(one model load, one scoring pass per metric and seed, prefixes for smaller K); the
-single-experiment command simply runs them in order.
+(one model load, one scoring pass per metric and seed, prefixes for smaller K); a cell runs
+them through a worker (:mod:`cwa_core.cell`), in a sweep's actors and in the single command alike.
 """
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from typing import Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .architectures import ParamRef, scored_params
 from .config import ConfigError, ExperimentConfig
@@ -27,9 +26,9 @@ from .metrics import METRICS, ScoreOptions, score
 from .numerics import mean_ratio  # noqa: F401  (re-exported for the command and the tracker)
 from .perturb import PerturbSpec, perturbed
 from .schema import ratios_by_selection  # noqa: F401  (re-exported, as mean_ratio)
-from .selection import KINDS, ScoreCollector, Selection, TensorStats, random_selection, tensor_offsets
+from .selection import KINDS, ScoreCollector, Selection, TensorStats, random_selection
 from .stability import jaccard, pairwise, spearman
-from .superweights import CandidateRanks, Coordinate, RankTable, add_ranks, super_weight_study
+from .superweights import CandidateRanks, Coordinate, super_weight_study
 
 log = logging.getLogger(__name__)
 
@@ -247,62 +246,17 @@ def study_super_weights(cfg: ExperimentConfig, model: nn.Module, tokenizer, data
 
 
 def run_experiment(cfg: ExperimentConfig, model: nn.Module, tokenizer, *, progress: bool = True,
-                   data: DataSplit | None = None, model_id: str | None = None, hf_id: str | None = None,
-                   dtype: str = "") -> ExperimentResult:
-    """Run every stage on a loaded model; the caller writes the outputs. ``cfg`` is resolved for
-    the model (:meth:`ExperimentConfig.with_context`); ``data`` is its split when already built;
-    ``model_id``, ``hf_id`` and ``dtype`` go into the super-weight report."""
-    timings: dict[str, float] = {}
-    t = time.perf_counter()
-    if data is None:
-        data = load_split(cfg, tokenizer)
-    check_calibration(cfg, data)
-    refs = scored_params(model, cfg.param_types)
-    timings["data"] = time.perf_counter() - t
+                   data: DataSplit | None = None, info=None) -> ExperimentResult:
+    """Run every stage on a loaded model (one cell, :func:`cwa_core.cell.run_cell`); the caller
+    writes the outputs. ``cfg`` is resolved for the model (:meth:`ExperimentConfig.with_context`);
+    ``data`` is its split when already built; ``info`` the model's
+    :class:`~cwa_core.models.ModelInfo` (the super-weight report's ids and dtype), if known."""
+    from .cell import Worker, run_cell  # the cell runs the stages defined here
 
-    t = time.perf_counter()
-    eval_windows = data.eval_windows()
-    baseline = baseline_perplexity(model, data, cfg, progress=progress)
-    timings["baseline_ppl"] = time.perf_counter() - t
-    log.info("baseline perplexity %.4f over %d windows of %d tokens", baseline.ppl, baseline.n_windows, baseline.window_length)
-
-    sw_report, track = None, []
-    if cfg.detect_super_weights:
-        t = time.perf_counter()
-        sw_report, track = study_super_weights(cfg, model, tokenizer, data, model_id=model_id or cfg.model,
-                                               hf_id=hf_id or cfg.hf_id, dtype=dtype, baseline=baseline)
-        timings["super_weights"] = time.perf_counter() - t
-        log.info("super weights: %d candidate(s) in %.1f s", len(sw_report["candidates"]), timings["super_weights"])
-
-    opts = ScoreOptions(cfg.micro_batch, cfg.hutchinson_probes, 0, progress)
-    spec = PerturbSpec(cfg.perturb, cfg.perturb_scale, cfg.perturb_bit)
-    kinds = ("top_k", *cfg.controls)
-    seed_scores, results = [], []
-    timings["score"] = timings["perturb_eval"] = 0.0
-    bar = tqdm(total=len(cfg.seeds) * (1 + len(kinds)), desc=f"{cfg.metric} {cfg.mode} K={cfg.topk}",
-               disable=not progress, unit="step")
-    for seed in cfg.seeds:
-        bar.set_postfix_str(f"seed {seed}: scoring")
-        ss = score_seed(model, refs, data, metric=cfg.metric, seed=seed, k=cfg.topk, modes=(cfg.mode,),
-                        max_samples=cfg.max_samples, opts=opts, stability_sample=cfg.stability_sample, track=track)
-        timings["score"] += ss.seconds
-        seed_scores.append(ss)
-        bar.update()
-        for kind in kinds:
-            bar.set_postfix_str(f"seed {seed}: {kind}")
-            t = time.perf_counter()
-            results.append(evaluate_selection(model, refs, ss.selection(kind, cfg.mode), replace(spec, seed=seed),
-                                              eval_windows, baseline, seed=seed, batch_size=cfg.eval_batch_size))
-            timings["perturb_eval"] += time.perf_counter() - t
-            bar.update()
-    bar.close()
-    stability = None
-    if cfg.stability_check:
-        stability = stability_report(seed_scores, k=cfg.topk, mode=cfg.mode, offsets=tensor_offsets(refs))
-    if sw_report is not None:
-        add_ranks(sw_report, {cfg.metric: {ss.seed: RankTable(ss.ranks or []) for ss in seed_scores}})
-    return ExperimentResult(cfg, baseline, results, seed_scores, stability, data.describe(), tensor_table(refs), timings,
-                            sw_report)
+    worker = Worker(model, tokenizer, info, progress=progress)
+    if data is not None:
+        worker.use_split(cfg, data)
+    return run_cell(worker, cfg, progress=progress)
 
 
 def tensor_table(refs: Sequence[ParamRef]) -> list[dict]:

@@ -13,7 +13,7 @@ Checks are cached per model and per corpus, so a sweep of many cells pays each o
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import torch
@@ -21,12 +21,11 @@ import torch
 from .architectures import arch_spec, scored_params
 from .config import DATA_FIELDS, ConfigError, ExperimentConfig, settings_key
 from .data import DataSplit
-from .demo import BUILTIN, uses_builtin
+from .demo import BUILTIN, BUILTIN_KEYS, ensure_demo_assets, resolve_builtin, uses_builtin
 from .perturb import PERTURBATIONS, check_bit
 from .metrics import UnsupportedTensorError, check_supported
 from .models import (ModelLoadError, load_config, load_tokenizer, locate_model, model_context,
                      resolve_device, resolve_dtype)
-
 
 
 @dataclass
@@ -170,3 +169,31 @@ class Preflight:
     def resolve(self, cfg: ExperimentConfig) -> ExperimentConfig:
         """``cfg`` with the protocol's defaults made concrete for its model's context."""
         return cfg.with_context(self.facts(cfg).context)
+
+    # -- the whole sequence ----------------------------------------------------------------
+    def prepare(self, configs: Sequence[ExperimentConfig], *, gpus: bool | None = None) -> list[ExperimentConfig]:
+        """``configs`` as they will run, every check done before any work (the single command's
+        one config, a sweep's cells): each resolved and checked against its model (a typo costs
+        no demo build), the demo built if one uses it and those it changed checked again, then
+        each one's data. ``gpus``: where the models will run (None: here; True/False: a sweep's
+        actors, with or without GPUs, wherever they are). Raises the first ConfigError."""
+        def check(cfg: ExperimentConfig) -> None:
+            dtype = None if gpus is None else self.run_dtype(cfg, gpus=gpus)
+            self.check_model(cfg, dtype=dtype, here=not gpus)
+
+        out = []
+        for cfg in configs:
+            cfg = self.resolve(cfg)
+            check(cfg)
+            out.append(cfg)
+        if any(uses_builtin(cfg.to_dict()) for cfg in out):
+            assets = ensure_demo_assets(progress=True)
+            for i, cfg in enumerate(out):
+                named = {k: getattr(cfg, k) for k in BUILTIN_KEYS}
+                built = resolve_builtin(named, assets)
+                if built != named:  # the demo's real folder and corpus: check again
+                    out[i] = cfg = replace(cfg, **built)
+                    check(cfg)
+        for cfg in out:
+            self.check_data(cfg)
+        return out

@@ -95,7 +95,9 @@ def test_gpu_8b_cpu_smoke_runs_every_stage(tmp_path):
 
 
 def test_gpu_8b_micro_batches_when_scoring_runs_out_of_memory(tmp_path, monkeypatch):
-    real, seen = gpu_8b.score_seed, []
+    from cwa_core import cell
+
+    real, seen = cell.score_seed, []
 
     def flaky(*args, **kwargs):
         seen.append(kwargs["opts"].micro_batch)
@@ -103,7 +105,7 @@ def test_gpu_8b_micro_batches_when_scoring_runs_out_of_memory(tmp_path, monkeypa
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(gpu_8b, "score_seed", flaky)
+    monkeypatch.setattr(cell, "score_seed", flaky)
     out = gpu_8b.main(["--cpu-smoke", "--models", "mistral-7b-v0.1", "--out", str(tmp_path)])
     _check_smoke(out)
     assert seen[:2] == [None, 10] and out["models"][0]["micro_batch_used"] == 10

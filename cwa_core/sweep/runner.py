@@ -35,6 +35,7 @@ import traceback
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from ..cell import assemble, shared_timings
 from ..evaluate import Perplexity
 from ..experiment import ExperimentResult, stability_report
 from ..outputs import atomic_write, write_experiment, write_failure
@@ -296,26 +297,11 @@ class SweepRunner:
     # -- one cell --------------------------------------------------------------------------
     def _finish_cell(self, cell: Cell, baseline: dict, scored: list[dict], rows: list[dict], tracker,
                      study: dict | None = None) -> None:
-        """Write the cell's files (then say so), then log them to MLflow (then say so)."""
-        cfg = cell.config
-        base: Perplexity = baseline["ppl"]
-        # the worker does not know the baseline (another actor may have computed it)
-        results = [{**{k: v for k, v in r.items() if k != "seconds"}, "ppl_ratio": r["ppl"] / base.ppl} for r in rows]
-        seed_scores = [s["scores"] for s in scored]
-        tensors = scored[0]["tensors"]
-        stability = None
-        if cfg.stability_check:
-            stability = stability_report(seed_scores, k=cfg.topk, mode=cfg.mode,
-                                         offsets=offsets_of(math.prod(t["shape"]) for t in tensors))
-        timings = {"baseline_ppl (shared)": baseline["seconds"], "score (shared)": sum(s.seconds for s in seed_scores),
-                   "perturb_eval": sum(r["seconds"] for r in rows)}
-        sw = None
-        if study is not None:  # the shared study, with the ranks under this cell's metric and seeds
-            timings["super_weights (shared)"] = study["seconds"]
-            sw = add_ranks(copy.deepcopy(study["report"]),
-                           {cfg.metric: {ss.seed: RankTable(ss.ranks or []) for ss in seed_scores}})
+        """Write the cell's files (then say so), then log them to MLflow (then say so). The cell's
+        result is assembled as the single command's is (:func:`cwa_core.cell.assemble`)."""
+        timings = shared_timings(baseline, scored, rows, study)
         out_cfg = with_out_dir(cell, self.root)
-        result = ExperimentResult(out_cfg, base, results, seed_scores, stability, baseline["data"], tensors, timings, sw)
+        result = assemble(out_cfg, baseline, scored, rows, study, timings)
         cell_dir = Path(out_cfg.out_dir)
         info = baseline["model"]
         # the cell's total: its share of the work (shared parts in full) plus writing its files

@@ -264,29 +264,14 @@ def with_out_dir(cell: Cell, root: Path) -> ExperimentConfig:
 
 def prepare(sweep: Sweep) -> Sweep:
     """The sweep as it will run: every cell checked against its model and data
-    (:mod:`cwa_core.preflight`: context, K, bit width, corpus length, files), the demo built when a
-    cell uses it, and the protocol's defaults made concrete. Raises :class:`SpecError` (one line,
-    naming the key) on the first problem, before Ray, MLflow or a results folder exist."""
-    from ..demo import ensure_demo_assets, resolve_builtin, uses_builtin
+    (:meth:`cwa_core.preflight.Preflight.prepare`: context, K, bit width, corpus length, files),
+    the demo built when a cell uses it, and the protocol's defaults made concrete. Raises
+    :class:`SpecError` (one line, naming the key) on the first problem, before Ray, MLflow or a
+    results folder exist."""
     from ..preflight import Preflight
 
-    pf = Preflight()
-    gpus = sweep.resources.gpus_per_actor > 0
-    configs: dict[str, ExperimentConfig] = {}
     try:
-        for cell in sweep.cells:  # the model checks first: a typo costs no demo build
-            cfg = pf.resolve(cell.config)
-            pf.check_model(cfg, dtype=pf.run_dtype(cfg, gpus=gpus), here=not gpus)
-            configs[cell.id] = cfg
-        if any(uses_builtin(c.settings) for c in sweep.cells):
-            assets = ensure_demo_assets(progress=True)
-            for cid, cfg in configs.items():
-                built = resolve_builtin({k: getattr(cfg, k) for k in ("model", "data_file", "eval_file")}, assets)
-                if built != {k: getattr(cfg, k) for k in built}:  # the demo's real folder: check it again
-                    configs[cid] = cfg = replace(cfg, **built)
-                    pf.check_model(cfg, dtype=pf.run_dtype(cfg, gpus=gpus), here=not gpus)
-        for cfg in configs.values():
-            pf.check_data(cfg)
+        configs = Preflight().prepare([c.config for c in sweep.cells], gpus=sweep.resources.gpus_per_actor > 0)
     except ConfigError as e:
         raise SpecError(str(e)) from None
-    return resolved(sweep, configs)
+    return resolved(sweep, {c.id: cfg for c, cfg in zip(sweep.cells, configs)})
