@@ -92,6 +92,11 @@ def _nonnegative(v: object) -> str | None:
     return None if ok else f"must be a finite number >= 0, got {v!r}"
 
 
+def _share(v: object) -> str | None:
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1
+    return None if ok else f"must be a number in [0, 1], got {v!r}"
+
+
 def _finite_or_none(v: object) -> str | None:
     ok = v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))
     return None if ok else f"must be a finite number, got {v!r}"
@@ -218,6 +223,8 @@ class ExperimentConfig:
                                      help="absolute floor of the output spike")
     super_in_floor: float = setting(_SW.in_floor, section="super weights", passes=("study",), check=_nonnegative,
                                     help="absolute floor of the input spike")
+    super_min_drop: float = setting(_SW.min_drop, section="super weights", passes=("study",), check=_share,
+                                    help="share of the output spike that zeroing a candidate must remove")
     super_max_rounds: int = setting(_SW.max_rounds, section="super weights", passes=("study",),
                                     check=_at_least_one, help="zero what was found, look again")
     super_windows: int = setting(8, section="super weights", passes=("study",), check=_at_least_one,
@@ -300,7 +307,7 @@ class ExperimentConfig:
     def super_weight_options(self) -> SuperWeightOptions:
         return SuperWeightOptions(out_ratio=self.super_out_ratio, in_ratio=self.super_in_ratio,
                                   out_floor=self.super_out_floor, in_floor=self.super_in_floor,
-                                  max_rounds=self.super_max_rounds)
+                                  min_drop=self.super_min_drop, max_rounds=self.super_max_rounds)
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -77,7 +77,7 @@ def test_pass_keys_hold_the_settings_each_pass_reads():
     assert set(config.DATA_FIELDS) == data
     assert set(plan.MODEL_FIELDS) == {"model", "dtype", "device", "revision", "trust_remote_code"}
     assert set(plan.EVAL_FIELDS) == data | {"eval_batch_size"}
-    assert set(plan.SW_FIELDS) == {"detect_super_weights", "super_out_ratio", "super_in_ratio", "super_out_floor",
+    assert set(plan.SW_FIELDS) == {"detect_super_weights", "super_out_ratio", "super_in_ratio", "super_out_floor", "super_min_drop",
                                    "super_in_floor", "super_max_rounds", "super_windows", "super_prompt", "hf_id"}
     assert set(plan.SCORE_FIELDS) == data | {"metric", "max_samples", "param_types", "hutchinson_probes",
                                              "micro_batch", "stability_sample"}
@@ -120,3 +120,19 @@ def test_each_setting_checks_itself_naming_its_key(key, value, words):
     with pytest.raises(ConfigError) as e:
         ExperimentConfig(**{"model": "m", "metric": "magnitude", "topk": 2, key: value})
     assert str(e.value).startswith(words) and e.value.key == key
+
+
+def test_a_setting_added_in_one_declaration_reaches_flag_sweep_plan_and_science():
+    """super_min_drop was added as one declaration in config.py plus its consumer
+    (super_weight_options): the flag, the sweep key, the check and the study's key follow."""
+    args = orchestrator.build_parser().parse_args(REQUIRED + ["--super-min-drop", "0.5"])
+    cfg = orchestrator.config_from_args(args)
+    assert cfg.super_min_drop == 0.5 and cfg.super_weight_options().min_drop == 0.5
+    assert ExperimentConfig(model="m", metric="magnitude", topk=2).super_weight_options().min_drop == 0.25
+    assert spec.EXPERIMENT_KEYS["super_min_drop"] == ((int, float), False)
+    assert "super_min_drop" in plan.SW_FIELDS and "super_min_drop" not in plan.SCORE_FIELDS
+    for bad in (1.5, -0.1, float("nan"), True):
+        with pytest.raises(ConfigError, match=r"^super_min_drop: must be a number in \[0, 1\]"):
+            ExperimentConfig(model="m", metric="magnitude", topk=2, super_min_drop=bad)
+    c = _plan(super_min_drop=[0.25, 0.5], detect_super_weights=True).counts()
+    assert (c["cells"], c["super_weight_studies"], c["scoring_passes"]) == (2, 2, 4)
