@@ -33,7 +33,7 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
-# the numbers of the working tree against the pre-redesign commit (benchmarks/golden_reference),
+# the numbers of the working tree against the reference commit (benchmarks/golden_reference),
 # bit for bit, both run here (issue 16; a few minutes)
 golden: setup
 	$(BIN)/python -m benchmarks.golden check
