@@ -28,7 +28,7 @@ from .perturb import PerturbSpec, perturbed
 from .schema import ratios_by_selection  # noqa: F401  (re-exported, as mean_ratio)
 from .selection import KINDS, ScoreCollector, Selection, TensorStats, random_selection
 from .stability import jaccard, pairwise, spearman
-from .superweights import CandidateRanks, Coordinate, super_weight_study
+from .superweights import CandidateRanks, Coordinate, StudyLabels, StudyRequest, super_weight_study
 
 log = logging.getLogger(__name__)
 
@@ -240,9 +240,9 @@ def study_super_weights(cfg: ExperimentConfig, model: nn.Module, tokenizer, data
     evaluation windows): the report without ranks, and the weights to rank while scoring.
     ``baseline``: :func:`baseline_perplexity` when already measured (not measured again)."""
     prompts, source, text = super_weight_prompts(cfg, data, tokenizer)
-    return super_weight_study(model, prompts, data.eval_windows(), cfg.super_weight_options(), seeds=cfg.seeds,
-                              batch_size=cfg.eval_batch_size, model_id=model_id, hf_id=hf_id, dtype=dtype,
-                              prompt_source=source, prompt_text=text, baseline=baseline)
+    request = StudyRequest(StudyLabels(model_id, hf_id, dtype, source, text), prompts, data.eval_windows(),
+                           seeds=cfg.seeds, batch_size=cfg.eval_batch_size, options=cfg.super_weight_options())
+    return super_weight_study(model, request, baseline=baseline)
 
 
 def run_experiment(cfg: ExperimentConfig, model: nn.Module, tokenizer, *, progress: bool = True,
