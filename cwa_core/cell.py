@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from .architectures import scored_params
 from .config import DATA_FIELDS, ExperimentConfig, settings_key
-from .data import DataSplit
+from .data import DataSplit, TokenCache
 from .experiment import (ExperimentResult, baseline_perplexity, check_calibration, evaluate_selection, load_split,
                          score_seed, stability_report, study_super_weights, tensor_table)
 from .metrics import ScoreOptions
@@ -58,13 +58,15 @@ def kinds(cfg: ExperimentConfig) -> tuple[str, ...]:
 
 class Worker:
     """A model held in memory and the tasks of cells on it, one at a time (a perturbation is
-    restored before the next task starts). Corpora are tokenized once per data setting."""
+    restored before the next task starts). A corpus is tokenized once (per layout); each data
+    setting only cuts its windows."""
 
     def __init__(self, model: nn.Module, tokenizer, info=None, *, progress: bool = False) -> None:
         self.model, self.tokenizer, self.model_info = model, tokenizer, info
         self.progress = progress  # progress bars of the baseline and the scoring passes
         self.counts = {"model_loads": 0, "scoring_passes": 0, "baselines": 0, "evaluations": 0}
         self._splits: dict[tuple, DataSplit] = {}
+        self.tokens = TokenCache(tokenizer)  # token ids shared by the data settings of one text
         self._refs: dict[tuple, list] = {}
 
     # -- caches --------------------------------------------------------------------------
@@ -73,9 +75,9 @@ class Worker:
         self._splits[settings_key(cfg, DATA_FIELDS)] = split
 
     def split(self, cfg: ExperimentConfig) -> DataSplit:
-        key = settings_key(cfg, DATA_FIELDS)  # tokenized once per corpus and window plan
+        key = settings_key(cfg, DATA_FIELDS)  # windows cut once per data setting, texts tokenized once
         if key not in self._splits:
-            self._splits[key] = load_split(cfg, self.tokenizer)
+            self._splits[key] = load_split(cfg, self.tokenizer, self.tokens)
         return self._splits[key]
 
     def refs(self, param_types: Sequence[str]) -> list:

@@ -18,6 +18,7 @@ window, so the two never overlap.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 from dataclasses import dataclass
@@ -104,6 +105,28 @@ def tokenize(tokenizer, text: str, *, layout: str = "window", source: str = "") 
     if not ids:
         raise ValueError(f"text from {source or 'input'} tokenizes to nothing")
     return TokenStream(torch.tensor(ids, dtype=torch.long), bos, layout, source)
+
+
+class TokenCache:
+    """Token ids of texts, each tokenized once per layout with one tokenizer: the data settings
+    that only cut windows (max_length, eval_length, eval_samples) reuse them. A text is known by
+    the sha256 of its UTF-8 bytes; each call returns a new :class:`TokenStream` (its own source,
+    two calls never the same object) over the shared, never written, token ids."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.tokenizations = 0  # texts tokenized (the rest came from the cache)
+        self._ids: dict[tuple[str, str], torch.Tensor] = {}
+
+    def stream(self, text: str, *, layout: str, source: str = "") -> TokenStream:
+        """:func:`tokenize` ``(self.tokenizer, text, layout=layout, source=source)``, tokenized at most once."""
+        key = (hashlib.sha256(text.encode("utf-8")).hexdigest(), layout)
+        if key not in self._ids:
+            stream = tokenize(self.tokenizer, text, layout=layout, source=source)
+            self.tokenizations += 1
+            self._ids[key] = stream.tokens
+            return stream
+        return TokenStream(self._ids[key], self.tokenizer.bos_token_id, layout, source)
 
 
 class TextFileError(ValueError):

@@ -19,8 +19,8 @@ from torch import nn
 
 from .architectures import ParamRef, scored_params
 from .config import ConfigError, ExperimentConfig
-from .data import (PROTOCOLS, TOKENIZER_LAYOUT, DataSplit, TextFileError, load_wikitext2, read_text, split,
-                   special_tokens_added, text_identity, tokenize)
+from .data import (PROTOCOLS, TOKENIZER_LAYOUT, DataSplit, TextFileError, TokenCache, load_wikitext2, read_text,
+                   split, special_tokens_added, text_identity)
 from .evaluate import Perplexity, finite_status, model_device, perplexity
 from .metrics import METRICS, ScoreOptions, score
 from .numerics import mean_ratio  # noqa: F401  (re-exported for the command and the tracker)
@@ -28,7 +28,7 @@ from .perturb import PerturbSpec, perturbed
 from .schema import ratios_by_selection  # noqa: F401  (re-exported, as mean_ratio)
 from .selection import KINDS, ScoreCollector, Selection, TensorStats, random_selection
 from .stability import jaccard, pairwise, spearman
-from .superweights import CandidateRanks, Coordinate, super_weight_study
+from .superweights import CandidateRanks, Coordinate, StudyLabels, StudyRequest, super_weight_study
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +57,14 @@ def _read(cfg: ExperimentConfig, key: str) -> tuple[str, str]:
                              f"({type(e).__name__}); pass a local text file") from None
 
 
-def load_split(cfg: ExperimentConfig, tokenizer) -> DataSplit:
+def load_split(cfg: ExperimentConfig, tokenizer, tokens: TokenCache | None = None) -> DataSplit:
     """Tokenize the calibration (and evaluation) text once and plan the windows of ``cfg.protocol``
-    (``cfg`` resolved by :meth:`ExperimentConfig.with_context`)."""
+    (``cfg`` resolved by :meth:`ExperimentConfig.with_context`). ``tokens``: the token ids of
+    ``tokenizer`` already computed (a worker's, kept across data settings), else tokenized here."""
+    if tokens is None:
+        tokens = TokenCache(tokenizer)
+    elif tokens.tokenizer is not tokenizer:
+        raise ValueError("load_split: the token cache belongs to another tokenizer")
     proto = PROTOCOLS[cfg.protocol]
     calib_text, calib_src = _read(cfg, "data_file")
     texts = {"data_file": calib_text}
@@ -69,7 +74,7 @@ def load_split(cfg: ExperimentConfig, tokenizer) -> DataSplit:
         texts["eval_file"] = eval_text
     layout = proto.layout or cfg.bos  # published: the tokenizer's own special tokens; heldout: --bos
     try:
-        streams = {k: tokenize(tokenizer, t, layout=layout, source=calib_src if k == "data_file" else eval_src)
+        streams = {k: tokens.stream(t, layout=layout, source=calib_src if k == "data_file" else eval_src)
                    for k, t in texts.items()}
     except ValueError as e:
         raise DataError("data_file", str(e)) from None
@@ -240,9 +245,9 @@ def study_super_weights(cfg: ExperimentConfig, model: nn.Module, tokenizer, data
     evaluation windows): the report without ranks, and the weights to rank while scoring.
     ``baseline``: :func:`baseline_perplexity` when already measured (not measured again)."""
     prompts, source, text = super_weight_prompts(cfg, data, tokenizer)
-    return super_weight_study(model, prompts, data.eval_windows(), cfg.super_weight_options(), seeds=cfg.seeds,
-                              batch_size=cfg.eval_batch_size, model_id=model_id, hf_id=hf_id, dtype=dtype,
-                              prompt_source=source, prompt_text=text, baseline=baseline)
+    request = StudyRequest(StudyLabels(model_id, hf_id, dtype, source, text), prompts, data.eval_windows(),
+                           seeds=cfg.seeds, batch_size=cfg.eval_batch_size, options=cfg.super_weight_options())
+    return super_weight_study(model, request, baseline=baseline)
 
 
 def run_experiment(cfg: ExperimentConfig, model: nn.Module, tokenizer, *, progress: bool = True,

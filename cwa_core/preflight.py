@@ -20,7 +20,7 @@ import torch
 
 from .architectures import arch_spec, scored_params
 from .config import DATA_FIELDS, ConfigError, ExperimentConfig, settings_key
-from .data import DataSplit
+from .data import DataSplit, TokenCache
 from .demo import BUILTIN, BUILTIN_KEYS, ensure_demo_assets, resolve_builtin, uses_builtin
 from .perturb import PERTURBATIONS, check_bit
 from .metrics import UnsupportedTensorError, check_supported
@@ -64,6 +64,7 @@ class Preflight:
         self._facts: dict[tuple, ModelFacts] = {}
         self._tokenizers: dict[tuple, object] = {}
         self._splits: dict[tuple, DataSplit] = {}
+        self._tokens: dict[tuple, TokenCache] = {}  # per tokenizer: its corpora tokenized once
 
     # -- model ---------------------------------------------------------------------------
     def facts(self, cfg: ExperimentConfig) -> ModelFacts:
@@ -152,6 +153,13 @@ class Preflight:
                 raise ConfigError("model", str(e)) from None
         return self._tokenizers[key]
 
+    def tokens(self, cfg: ExperimentConfig) -> TokenCache:
+        """The token ids of ``cfg``'s tokenizer, kept across data settings (each text tokenized once)."""
+        key = (cfg.model, cfg.revision, cfg.trust_remote_code)
+        if key not in self._tokens:
+            self._tokens[key] = TokenCache(self.tokenizer(cfg))
+        return self._tokens[key]
+
     def check_data(self, cfg: ExperimentConfig) -> DataSplit:
         """The corpus files read, tokenized and cut as the experiment will: they must hold the
         evaluation windows and (for a data-dependent metric) the calibration windows asked."""
@@ -161,7 +169,7 @@ class Preflight:
         if key not in self._splits:
             if uses_builtin(cfg.to_dict()):
                 raise ConfigError("model", f"{BUILTIN} must be resolved (built) before its data is checked")
-            self._splits[key] = load_split(cfg, self.tokenizer(cfg))
+            self._splits[key] = load_split(cfg, self.tokenizer(cfg), self.tokens(cfg))
         split = self._splits[key]
         check_calibration(cfg, split)
         return split

@@ -140,3 +140,85 @@ def test_preflight_prepare_checks_every_model_before_any_data():
     with pytest.raises(ConfigError) as e:
         Preflight().prepare([too_long])
     assert e.value.key == "eval_samples"
+
+
+class _CountingTokenizer:
+    """A tokenizer that counts the texts it is asked to tokenize (every other attribute its own)."""
+
+    def __init__(self, tok) -> None:
+        self.tok, self.calls = tok, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.tok(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+
+def _same_split(a, b) -> None:
+    assert torch.equal(a.eval_windows(), b.eval_windows()) and a.describe() == b.describe()
+    assert a.calib_pool == b.calib_pool and a.shared == b.shared
+    for seed in (0, 1):
+        n = min(3, a.calib_pool)
+        assert torch.equal(a.calib_windows(n, seed), b.calib_windows(n, seed))
+
+
+def test_a_worker_tokenizes_a_text_once_whatever_windows_its_settings_cut(tokenizer):
+    """Settings differing only in how windows are cut (max_length, eval_samples, eval_length)
+    tokenize the corpus once and give the windows of fresh splits, bit for bit; another layout or
+    another text is tokenized anew."""
+    from cwa_core.experiment import load_split
+
+    counting = _CountingTokenizer(tokenizer)
+    w = Worker(tiny_model("llama", vocab_size=512), counting)
+    cfg = _cfg()
+    variants = [cfg, replace(cfg, max_length=32), replace(cfg, eval_samples=3), replace(cfg, eval_length=24),
+                replace(cfg, max_length=32, eval_samples=1)]
+    splits = [w.split(c) for c in variants]
+    assert counting.calls == 1 and w.tokens.tokenizations == 1
+    assert len({s.calib_length for s in splits}) == 2 and [s.n_eval for s in splits] == [2, 2, 3, 2, 1]
+    assert splits[0].calib.tokens is splits[1].calib.tokens  # one tensor of token ids, shared
+    for c, s in zip(variants, splits):
+        _same_split(s, load_split(c, tokenizer))  # a fresh split: its own tokenization
+    assert w.split(replace(cfg, max_length=32)) is splits[1]  # a data setting seen: its windows too
+    w.split(replace(cfg, bos="document"))  # another layout: other token ids
+    assert w.tokens.tokenizations == 2
+    doc = w.split(replace(cfg, bos="document", max_length=32))
+    assert w.tokens.tokenizations == 2
+    _same_split(doc, load_split(replace(cfg, bos="document", max_length=32), tokenizer))
+    with pytest.raises(ValueError, match="another tokenizer"):
+        load_split(cfg, tokenizer, w.tokens)
+
+
+def test_one_text_as_two_files_keeps_its_two_streams_and_sources(tokenizer, tmp_path):
+    """A text tokenized once serves every file holding it, each stream with its own source; a
+    split over two files never becomes a shared stream because their ids are the same tensor.
+    Protocols published and heldout, calibration and evaluation files with the same text."""
+    from cwa_core.data import TokenCache
+    from cwa_core.experiment import load_split
+
+    copy = tmp_path / "copy.txt"
+    copy.write_bytes(TINYSTORIES.read_bytes())
+    for protocol in ("published", "heldout"):
+        cfg = ExperimentConfig(model="llama", metric="magnitude", topk=3, protocol=protocol, max_length=32,
+                               data_file=str(copy), eval_file=str(TINYSTORIES)).with_context(64)
+        tokens = TokenCache(tokenizer)
+        cached = load_split(cfg, tokenizer, tokens)
+        assert tokens.tokenizations == 1  # one text, two files: tokenized once
+        assert cached.calib.tokens is cached.eval.tokens and cached.calib is not cached.eval
+        assert cached.calib.source == str(copy) and cached.eval.source == str(TINYSTORIES)
+        fresh = load_split(cfg, tokenizer)
+        assert not cached.shared and not fresh.shared
+        _same_split(cached, fresh)
+        assert cached.protocol == fresh.protocol
+
+
+def test_preflight_tokenizes_a_corpus_once_for_every_window_setting_of_a_sweep(tokenizer):
+    pf = Preflight()
+    cfg = _cfg()
+    pf._tokenizers[(cfg.model, cfg.revision, cfg.trust_remote_code)] = counting = _CountingTokenizer(tokenizer)
+    a, b = pf.check_data(cfg), pf.check_data(replace(cfg, max_length=24, eval_samples=3))
+    assert counting.calls == 1 and pf.tokens(cfg).tokenizations == 1
+    assert (a.calib_length, b.calib_length, a.n_eval, b.n_eval) == (16, 24, 2, 3)
+    assert torch.equal(a.eval.tokens, b.eval.tokens)

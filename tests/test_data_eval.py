@@ -109,6 +109,31 @@ def test_document_layout_puts_bos_before_every_story(stories):
     assert int((s.tokens == tok.bos_token_id).sum()) == 3 and s.tokens[0] == tok.bos_token_id
 
 
+def test_token_cache_tokenizes_each_text_and_layout_once(stories):
+    """The same ids as tokenize(), per (text, layout); a text that tokenizes to nothing is refused
+    every time (nothing cached); equal texts from two sources share ids, not streams."""
+    _, tok = stories
+    cache = data.TokenCache(tok)
+    text = "One day.\n\nTwo cats.\n\n\n\nThree."
+    for layout in data.LAYOUTS:
+        got = cache.stream(text, layout=layout, source="a")
+        again = cache.stream(text, layout=layout, source="b")
+        want = data.tokenize(tok, text, layout=layout, source="a")
+        assert torch.equal(got.tokens, want.tokens) and got.tokens.dtype == want.tokens.dtype == torch.long
+        assert (got.bos_id, got.layout, got.source) == (want.bos_id, want.layout, "a")
+        assert again.tokens is got.tokens and again is not got
+        assert (again.bos_id, again.layout, again.source) == (want.bos_id, layout, "b")
+    assert cache.tokenizations == len(data.LAYOUTS) == 3
+    cache.stream(text + " ", layout="window")  # another text, by one character
+    assert cache.tokenizations == 4
+    for _ in range(2):
+        with pytest.raises(ValueError, match="tokenizes to nothing"):
+            cache.stream("", layout="window", source="empty")
+    with pytest.raises(ValueError, match="unknown BOS layout"):
+        cache.stream(text, layout="sentence")
+    assert cache.tokenizations == 4
+
+
 def test_too_few_calibration_windows_is_a_clear_error():
     split = data.split(_stream(2000), None, calib_length=100, eval_length=100, n_eval=15)
     with pytest.raises(ValueError, match="holds only"):

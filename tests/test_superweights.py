@@ -20,7 +20,10 @@ from cwa_core.superweights import (
     CandidateRanks,
     Coordinate,
     LayerTrace,
+    StudyLabels,
+    StudyRequest,
     SuperWeightOptions,
+    add_ranks,
     causal_test,
     detect_super_weights,
     down_proj_shapes,
@@ -28,6 +31,7 @@ from cwa_core.superweights import (
     match_published,
     published_coordinates,
     registry_entries,
+    super_weight_study,
     super_weights_report,
 )
 from cwa_core.superweights.detection import _propose
@@ -399,7 +403,7 @@ def test_a_weight_whose_removal_leaves_most_of_the_spike_is_rejected_with_its_nu
     assert r.y_at_token_after == pytest.approx(0.8 * r.y_at_token, rel=1e-4)
     assert "removes 0.2 of the spike; min_drop 0.25" in r.rejected
     # in the result file and the figure, apart from the candidates
-    rep = super_weights_report(det, None, model_id="tiny", hf_id=None, dtype="float32", prompt_source="synthetic")
+    rep = super_weights_report(det, None, StudyLabels("tiny", None, "float32", "synthetic"))
     assert rep["candidates"] == []
     assert [(x["row"], x["col"], x["rejected"]) for x in rep["rejected"]] == [(11, 20, r.rejected)]
     assert rep["rejected"][0]["contribution"] == r.contribution and rep["thresholds"]["min_drop"] == 0.25
@@ -758,8 +762,8 @@ def test_published_matching_on_a_saved_model_under_a_listed_id(tmp_path):
     assert set(r) == {(1, 788, 2427), (1, 1384, 2427)}
     assert r[(1, 788, 2427)]["per_tensor"] == 1  # the planted weight is its tensor's largest
     assert r[(1, 1384, 2427)]["per_tensor"] > 1000  # an ordinary weight
-    report = super_weights_report(det, None, model_id=str(tmp_path / "local-copy"), hf_id=LLAMA3, dtype="float32",
-                                  prompt_source="test", published=pub)
+    report = super_weights_report(det, None, StudyLabels(str(tmp_path / "local-copy"), LLAMA3, "float32", "test"),
+                                  published=pub)
     assert report["published"]["found"] == pub["found"] and report["rejected"] == []
     json.dumps(report)
     other = match_published("meta-llama/Llama-2-7b-hf", det.candidates, shapes=down_proj_shapes(model))
@@ -792,8 +796,8 @@ def test_report_has_the_agreed_names_and_is_json_ready(tmp_path):
     refs = scored_params(model)
     ranks = CandidateRanks(refs, det.candidates)
     score(model, refs, "magnitude", None, ranks)
-    rep = super_weights_report(det, ct, model_id="tiny", hf_id=None, dtype="float32", prompt_source="synthetic",
-                               prompt_text="T U x ...", ranks={"magnitude": {0: ranks}})
+    rep = super_weights_report(det, ct, StudyLabels("tiny", None, "float32", "synthetic", "T U x ..."),
+                               ranks={"magnitude": {0: ranks}})
     assert rep["convention"] == CONVENTION == "row = output channel, col = input channel (nn.Linear)"
     assert rep["thresholds"]["out_ratio"] == 1000.0 and rep["thresholds"]["in_floor"] == 50.0
     assert rep["prompts"] == {"source": "synthetic", "n_windows": 1, "length": 30, "text": "T U x ..."}
@@ -815,11 +819,45 @@ def test_report_has_the_agreed_names_and_is_json_ready(tmp_path):
     assert len(lay["max_out_per_round"]) == 2
     back = json.loads(json.dumps(rep))
     assert back["candidates"][0]["ppl_random"]["per_seed"].keys() == {"0", "1"}
-    rep2 = super_weights_report(det, None, model_id="tiny", hf_id=None, dtype="float32",
-                                prompt_source="windows", prompt_text=None)
+    rep2 = super_weights_report(det, None, StudyLabels("tiny", None, "float32", "windows", None))
     assert "text" not in rep2["prompts"] and rep2["baseline_ppl"] is None
 
     png = plot_super_weight_spikes(rep, tmp_path / "plots" / "super_weights.png")
     assert_real_png(png)
     with pytest.raises(ValueError, match="no layers"):
         plot_super_weight_spikes({"layers": []}, tmp_path / "x.png")
+
+
+def test_a_study_request_gives_the_report_its_parts_give(monkeypatch):
+    """super_weight_study(model, request): the report of detection, the causal test (one seed) and
+    the registry, number for number, under the request's labels; the planted weight is tracked;
+    a baseline already measured is used as it is."""
+    from cwa_core.superweights import study as study_mod
+
+    model = _dependent_model()
+    prompt, ev = windows(1, 30, seed=1), windows(3, 30, seed=2)
+    opts = SuperWeightOptions(max_rounds=3)
+    labels = StudyLabels("tiny", None, "float32", "one prompt", "T U x ...")
+    request = StudyRequest(labels, prompt, ev, seeds=(7,), batch_size=2, options=opts)
+    report, track = super_weight_study(model, request)
+    det = detect_super_weights(model, prompt, opts)
+    ct = causal_test(model, det, ev, seeds=(7,), batch_size=2)
+    expected = super_weights_report(det, ct, labels, published=match_published(None, det.candidates, None,
+                                                                                    shapes=down_proj_shapes(model)))
+    for r in (report, expected):
+        r.pop("detect_seconds"), r["eval"].pop("seconds")
+    assert report == expected
+    assert report["published"] is None and report["eval"]["seeds"] == [7] and report["eval"]["n_windows"] == 3
+    assert report["prompts"] == {"source": "one prompt", "n_windows": 1, "length": 30, "text": "T U x ..."}
+    assert (report["model_id"], report["hf_id"], report["dtype"]) == ("tiny", None, "float32")
+    assert [(c.layer, c.row, c.col) for c in track] == [(0, 11, 20)]
+    assert report["candidates"][0]["ranks"] == {} and report["candidates"][0]["ratio_zeroed"] > 1000
+    # the baseline handed in goes to the causal test as it is (not measured again)
+    calls = []
+    monkeypatch.setattr(study_mod, "causal_test", lambda *a, **k: calls.append(k["baseline"]) or ct)
+    given, _ = super_weight_study(model, request, baseline=ct.baseline)
+    assert calls == [ct.baseline] and given["baseline_ppl"] == ct.baseline.ppl
+    # the default options are the detection's defaults
+    assert StudyRequest(labels, prompt, ev, seeds=(0,), batch_size=1).options == SuperWeightOptions()
+    with pytest.raises(AttributeError):
+        request.seeds = (0, 1)  # frozen: a request says what the study is about

@@ -16,7 +16,8 @@ from .causal import CausalTest, causal_test
 from .detection import detect_super_weights
 from .plumbing import ZERO, down_proj_shapes
 from .ranks import CandidateRanks, RankSinks, RankTable
-from .records import CONVENTION, Candidate, Coordinate, Detection, LayerTrace, SuperWeightOptions
+from .records import (CONVENTION, Candidate, Coordinate, Detection, LayerTrace, StudyLabels, StudyRequest,
+                      SuperWeightOptions)
 from .registry import (PUBLISHED, REPORTED_BY, STATUSES, known_super_weights, match_published,
                        published_coordinates, registry_entries)
 from .study import add_ranks, super_weight_study, super_weights_report
@@ -24,7 +25,7 @@ from .study import add_ranks, super_weight_study, super_weights_report
 __all__ = [
     "CONVENTION", "PUBLISHED", "REPORTED_BY", "STATUSES", "ZERO",
     "Candidate", "CandidateRanks", "CausalTest", "Coordinate", "Detection", "LayerTrace", "RankSinks", "RankTable",
-    "SuperWeightOptions",
+    "StudyLabels", "StudyRequest", "SuperWeightOptions",
     "add_ranks", "causal_test", "detect_super_weights", "down_proj_shapes", "known_super_weights",
     "match_published", "published_coordinates", "registry_entries", "super_weight_study", "super_weights_report",
 ]

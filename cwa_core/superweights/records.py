@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
 
 from ..architectures import ParamRef
 
@@ -146,3 +149,30 @@ class Detection:
     seconds: float
     refs: list[ParamRef]  # the down projections' weights, by layer (for zeroing)
     rejected: list[Candidate] = field(default_factory=list)  # proposals that failed the check, once each
+
+
+@dataclass(frozen=True)
+class StudyLabels:
+    """What a ``super_weights.json`` report names besides its numbers: the model (``model_id``,
+    its Hugging Face id ``hf_id``, which also picks the registry's published coordinates, and its
+    ``dtype``) and where the prompts came from (``prompt_text``: the text of a single prompt)."""
+
+    model_id: str
+    hf_id: str | None
+    dtype: str
+    prompt_source: str
+    prompt_text: str | None = None
+
+
+@dataclass(frozen=True)
+class StudyRequest:
+    """What one super-weight study is about: detection on ``prompts`` with ``options``, the causal
+    test on ``eval_windows`` with ``seeds`` (``batch_size`` windows per forward), reported under
+    ``labels``."""
+
+    labels: StudyLabels
+    prompts: torch.Tensor  # (N, L) token ids the detection runs on
+    eval_windows: torch.Tensor  # (n, L') held-out windows of the causal test
+    seeds: Sequence[int]
+    batch_size: int
+    options: SuperWeightOptions = field(default_factory=SuperWeightOptions)

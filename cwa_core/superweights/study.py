@@ -3,9 +3,6 @@ registry; ranks filled in after scoring)."""
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Sequence
-
-import torch
 from torch import nn
 
 from ..architectures import matrix_shape
@@ -14,12 +11,11 @@ from .causal import CausalTest, causal_test
 from .detection import detect_super_weights
 from .plumbing import _threshold
 from .ranks import RankSinks, _ranks_of
-from .records import CONVENTION, Coordinate, Detection, SuperWeightOptions
+from .records import CONVENTION, Coordinate, Detection, StudyLabels, StudyRequest
 from .registry import REPORTED_BY, match_published, published_coordinates
 
 
-def super_weights_report(detection: Detection, causal: CausalTest | None, *, model_id: str, hf_id: str | None,
-                         dtype: str, prompt_source: str, prompt_text: str | None = None,
+def super_weights_report(detection: Detection, causal: CausalTest | None, labels: StudyLabels, *,
                          ranks: RankSinks | None = None, published: dict | None = None) -> dict:
     """The JSON-ready ``super_weights.json`` dict (non-finite numbers stay floats)."""
     rejected = []
@@ -44,11 +40,11 @@ def super_weights_report(detection: Detection, causal: CausalTest | None, *, mod
                "threshold_out": _threshold(detection.options.out_ratio, detection.options.out_floor, t.median_out[0]),
                "threshold_in": _threshold(detection.options.in_ratio, detection.options.in_floor, t.median_in[0])}
               for t in detection.layers]
-    prompts = {"source": prompt_source, "n_windows": detection.n_windows, "length": detection.length}
-    if detection.n_windows == 1 and prompt_text is not None:
-        prompts["text"] = prompt_text
+    prompts = {"source": labels.prompt_source, "n_windows": detection.n_windows, "length": detection.length}
+    if detection.n_windows == 1 and labels.prompt_text is not None:
+        prompts["text"] = labels.prompt_text
     return {
-        "model_id": model_id, "hf_id": hf_id, "dtype": dtype, "convention": CONVENTION,
+        "model_id": labels.model_id, "hf_id": labels.hf_id, "dtype": labels.dtype, "convention": CONVENTION,
         "thresholds": detection.options.thresholds(), "prompts": prompts,
         "rounds": detection.rounds, "converged": detection.converged,
         "detect_seconds": detection.seconds,
@@ -64,23 +60,21 @@ def super_weights_report(detection: Detection, causal: CausalTest | None, *, mod
     }
 
 
-def super_weight_study(model: nn.Module, prompts: torch.Tensor, eval_windows: torch.Tensor,
-                       opts: SuperWeightOptions, *, seeds: Sequence[int], batch_size: int, model_id: str,
-                       hf_id: str | None, dtype: str, prompt_source: str,
-                       prompt_text: str | None = None,
+def super_weight_study(model: nn.Module, request: StudyRequest, *,
                        baseline: Perplexity | None = None) -> tuple[dict, list[Coordinate]]:
     """Detection, the causal test and the registry's coordinates, in one: the report (its ranks
     still empty: :func:`add_ranks` fills them after scoring) and the coordinates to rank under a
-    metric (the candidates, then the published and the reported_by ones of ``hf_id``).
-    ``baseline``: the unperturbed perplexity of ``eval_windows`` when already measured (see
+    metric (the candidates, then the published and the reported_by ones of the request's ``hf_id``).
+    ``baseline``: the unperturbed perplexity of ``request.eval_windows`` when already measured (see
     :func:`causal_test`)."""
-    det = detect_super_weights(model, prompts, opts)
-    causal = causal_test(model, det, eval_windows, seeds=seeds, batch_size=batch_size, baseline=baseline)
+    hf_id = request.labels.hf_id
+    det = detect_super_weights(model, request.prompts, request.options)
+    causal = causal_test(model, det, request.eval_windows, seeds=request.seeds, batch_size=request.batch_size,
+                         baseline=baseline)
     extra = [*published_coordinates(model, hf_id),  # detection has refused a model without down projections
              *published_coordinates(model, hf_id, REPORTED_BY)]
     published = match_published(hf_id, det.candidates, None, shapes={r.layer: matrix_shape(r.layout, r.shape) for r in det.refs})
-    report = super_weights_report(det, causal, model_id=model_id, hf_id=hf_id, dtype=dtype,
-                                  prompt_source=prompt_source, prompt_text=prompt_text, published=published)
+    report = super_weights_report(det, causal, request.labels, published=published)
     tracked = [Coordinate(c.layer, c.row, c.col, c.module) for c in det.candidates]
     return report, tracked + [c for c in extra if c.key not in {t.key for t in tracked}]
 
