@@ -180,6 +180,18 @@ class Shared:
     scores: dict[int, dict] = field(default_factory=dict)
 
 
+def run_experiment(cfg: ExperimentConfig, model: nn.Module, tokenizer, *, progress: bool = True,
+                   data: DataSplit | None = None, info=None) -> ExperimentResult:
+    """Every stage of one cell on a model already loaded (:func:`run_cell` on a :class:`Worker`
+    around it); the caller writes the outputs. ``cfg`` is resolved for the model
+    (:meth:`ExperimentConfig.with_context`); ``data`` is its split when already built; ``info`` the
+    model's :class:`~cwa_core.models.ModelInfo` (the super-weight report's ids and dtype), if known."""
+    worker = Worker(model, tokenizer, info, progress=progress)
+    if data is not None:
+        worker.use_split(cfg, data)
+    return run_cell(worker, cfg, progress=progress)
+
+
 def run_cell(worker: Worker, cfg: ExperimentConfig, *, shared: Shared | None = None, progress: bool = False,
              stage: Stage | None = None) -> ExperimentResult:
     """Run the cell's stages on ``worker`` in order (what ``shared`` holds is not run again) and

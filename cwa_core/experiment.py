@@ -250,20 +250,6 @@ def study_super_weights(cfg: ExperimentConfig, model: nn.Module, tokenizer, data
     return super_weight_study(model, request, baseline=baseline)
 
 
-def run_experiment(cfg: ExperimentConfig, model: nn.Module, tokenizer, *, progress: bool = True,
-                   data: DataSplit | None = None, info=None) -> ExperimentResult:
-    """Run every stage on a loaded model (one cell, :func:`cwa_core.cell.run_cell`); the caller
-    writes the outputs. ``cfg`` is resolved for the model (:meth:`ExperimentConfig.with_context`);
-    ``data`` is its split when already built; ``info`` the model's
-    :class:`~cwa_core.models.ModelInfo` (the super-weight report's ids and dtype), if known."""
-    from .cell import Worker, run_cell  # the cell runs the stages defined here
-
-    worker = Worker(model, tokenizer, info, progress=progress)
-    if data is not None:
-        worker.use_split(cfg, data)
-    return run_cell(worker, cfg, progress=progress)
-
-
 def tensor_table(refs: Sequence[ParamRef]) -> list[dict]:
     """The scored tensors as the outputs describe them (name, layer, type, shape, layout: how
     flat indices become coordinates, see architectures.LAYOUTS; offset: Gemma's 1 of 1 + w), in order."""

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoTokenizer
 
 from cwa_core.config import ExperimentConfig
-from cwa_core.experiment import run_experiment
+from cwa_core.cell import run_experiment
 from cwa_core.outputs import write_experiment
 from cwa_core.schema import RESULT_FIELDS
 from conftest import STORIES, TINYSTORIES
