@@ -3,6 +3,7 @@ the state machine (order, dependencies, retries, failures that spread, a model f
 the scheduler's loop driven by a fake Ray whose actors fail on cue."""
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -13,7 +14,7 @@ from cwa_core.sweep.plan import Task, make_plan
 from cwa_core.sweep.scheduler import execute
 from cwa_core.sweep.slots import _Slot
 from cwa_core.sweep.taskgraph import TaskGraph
-from cwa_core.sweep.tracking import NullTracker, or_none
+from cwa_core.sweep.tracking import NullTracker
 from conftest import TINYSTORIES
 
 BASE = {"model": "/m/a", "metric": "magnitude", "data_file": str(TINYSTORIES), "mode": "global", "topk": 5, "seeds": [0, 1],
@@ -248,11 +249,12 @@ class _Runner:
         return _Actor(ray, cfg)
 
     def _finish_cell(self, cell, baseline, scored, rows, tracker, study=None):
-        assert tracker is None  # the null tracker is None to the cell-writing methods
+        assert isinstance(tracker, NullTracker)  # the cell-writing methods get the null tracker itself
         self.finished[cell.id] = (baseline, scored, rows, study)
         self.manifest.entry(cell.id)["status"] = "finished"
 
     def _fail_cell(self, cell, why, tracker, *, stage):
+        assert isinstance(tracker, NullTracker)
         self.failed[cell.id] = (why, stage)
         self.manifest.entry(cell.id)["status"] = "failed"
 
@@ -352,8 +354,51 @@ def test_when_every_actor_of_a_model_died_its_work_fails_and_the_other_model_fin
     assert runner.failed[a][0] == "baseline failed 1 time(s): every actor of /m/a died (actor lost: RayActorError: killed)"
 
 
-def test_the_null_tracker_does_nothing_and_is_none_to_the_cell_writers():
+def test_the_null_tracker_does_nothing():
     t = NullTracker()
     assert t.sweep_run_id is None and t.close_leftovers(set(), set()) == [] and t.log_cell(None, None) is None
+    assert not t.enabled and t.log_failed_cell(None, "x", None) is None and t.log_stability("k", None, {}, None) is None
     t.end_sweep("FINISHED", {}), t.kill_open(), t.log_analysis(None, {})
-    assert or_none(t) is None
+
+
+class _Recorder:
+    """A tracker that is on, recording what it is asked to log."""
+
+    enabled = True
+
+    def __init__(self):
+        self.logged = []
+
+    def log_cell(self, cell, cell_dir):
+        self.logged.append(("cell", cell.id))
+        return "run-1"
+
+    def log_failed_cell(self, cell, why, cell_dir):
+        self.logged.append(("failed", cell.id))
+        return "run-2"
+
+
+def test_the_cell_writers_take_the_null_tracker_and_record_no_run_ids_nor_pass_the_logging_fault_point(
+        tmp_path, monkeypatch):
+    from cwa_core.sweep import faults
+    from cwa_core.sweep.runner import SweepRunner
+
+    sweep = _sweep(topk={"grid_search": [5, 10]})
+    a, b = sweep.cells
+    monkeypatch.setenv(faults.ENV, '[{"where": "driver:after_log", "action": "raise", "times": -1}]')
+    monkeypatch.setenv(faults.STATE_ENV, str(tmp_path))
+    runner = SweepRunner(sweep, tmp_path / "out", progress=False)
+    runner.manifest.begin(sweep)
+    runner._log_cell(a, NullTracker())  # without tracking the fault point is not passed: no raise
+    runner._fail_cell(b, "it broke", NullTracker(), stage="compute")
+    cells = json.loads((tmp_path / "out" / "sweep_manifest.json").read_text())["cells"]
+    assert cells[a.id]["status"] == "finished" and "mlflow_run_id" not in cells[a.id]
+    assert cells[b.id]["status"] == "failed" and "mlflow_failed_run_id" not in cells[b.id]
+    assert (tmp_path / "out" / b.id / "error.txt").read_text().startswith("it broke\n")
+    # with tracking on: the run ids are recorded, and the fault point after logging is passed
+    rec = _Recorder()
+    runner._fail_cell(b, "it broke", rec, stage="compute")
+    assert runner.manifest.entry(b.id)["mlflow_failed_run_id"] == "run-2"
+    with pytest.raises(faults.InjectedFault, match="driver:after_log"):
+        runner._log_cell(a, rec)
+    assert runner.manifest.entry(a.id)["mlflow_run_id"] == "run-1" and rec.logged == [("failed", b.id), ("cell", a.id)]

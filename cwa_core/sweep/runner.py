@@ -49,7 +49,7 @@ from .ray_setup import _RayWorker, init_ray
 from .scheduler import WAIT_S, execute
 from .slots import MAX_INFLIGHT, SweepResourceError, _fmt_resources, _one_line, _Slot, actor_demand, fits
 from .spec import Cell, Sweep, with_out_dir
-from .tracking import NullTracker, Tracker, or_none
+from .tracking import NullTracker, Tracker
 
 # names that importers (orchestrator, tests, benchmarks) read here; the code lives in the modules above
 __all__ = ["LOCK", "MANIFEST", "MAX_INFLIGHT", "WAIT_S", "SweepBusyError", "SweepResourceError", "SweepRunner",
@@ -137,7 +137,7 @@ class SweepRunner:
             self._save()
             self._close_leftovers(tracker)
             for cell in logging_only:
-                self._log_cell(cell, or_none(tracker))
+                self._log_cell(cell, tracker)
             if compute:
                 self._execute(ray, plan, groups, tracker)
             if self.sweep.report:
@@ -315,10 +315,11 @@ class SweepRunner:
         self._log_cell(cell, tracker, raise_errors=True)
 
     def _log_cell(self, cell: Cell, tracker, *, raise_errors: bool = False) -> None:
-        """Log a written cell from its folder (or, without tracking, just mark it finished)."""
+        """Log a written cell from its folder (or, without tracking, just mark it finished: no run
+        id recorded, no logging fault point passed)."""
         entry = self._entry(cell)
         cell_dir = self.root / cell.id
-        if tracker is not None:
+        if tracker.enabled:
             try:
                 entry["mlflow_run_id"] = tracker.log_cell(cell, cell_dir)
                 self._log_stability(cell, cell_dir, tracker)
@@ -355,7 +356,7 @@ class SweepRunner:
             log.warning("could not write the failure of cell %s: %s", cell.id, _one_line(e))
         entry = self._entry(cell)
         entry.update({"status": "failed", "error": why, "stage": stage, "error_file": str(cell_dir / "error.txt")})
-        if tracker is not None:
+        if tracker.enabled:
             try:
                 entry["mlflow_failed_run_id"] = tracker.log_failed_cell(cell, why, cell_dir if cell_dir.is_dir() else None)
             except Exception as e:  # noqa: BLE001

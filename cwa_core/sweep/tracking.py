@@ -322,8 +322,3 @@ class NullTracker:
     def log_analysis(self, folder: Path, cell_metrics: dict[str, dict[str, float]]) -> None:
         pass
 
-
-def or_none(tracker: Tracker | NullTracker) -> Tracker | None:
-    """``tracker``, or None for the null tracker: for the cell-writing methods that still ask
-    ``tracker is not None`` (a null tracker there would add null run ids to the manifest)."""
-    return tracker if tracker.enabled else None
