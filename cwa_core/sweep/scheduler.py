@@ -154,6 +154,8 @@ class _Scheduler:
             args = t.args
             if t.kind == "score" and t.deps:  # it ranks the study's super-weight candidates
                 args = (*args, tuple(self.graph.results[t.deps[0]]["track"]))
+            elif t.kind == "superweights":  # the causal test's reference: the baseline measured already
+                args = (*args, self.graph.results[t.deps[0]]["ppl"])
             elif t.kind == "evaluate":
                 cfg, seed, kind, score = args
                 args = (cfg, self.graph.results[score]["scores"].selection(kind, cfg.mode, cfg.topk), seed)
