@@ -19,7 +19,6 @@ import logging
 import os
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 EXIT_USAGE = 2
@@ -167,10 +166,11 @@ def _sweep_summary(root: Path, sweep) -> None:
     """One line per finished cell: its mean ratio per selection (inf where a seed overflowed)."""
     import json
 
+    from cwa_core import schema
     from cwa_core.experiment import mean_ratio, ratios_by_selection
 
     for cell in sweep.cells:
-        f = root / cell.id / "perturbation_results.json"
+        f = root / cell.id / schema.PERTURBATION_RESULTS
         if not f.exists():
             continue
         res = json.loads(f.read_text())
@@ -183,6 +183,7 @@ def run_single(args: argparse.Namespace) -> int:
     """One experiment: a one-cell plan run in-process, through the worker the sweep's actors
     are (:class:`~cwa_core.sweep.worker.ModelWorker`) and the cell the sweep's cells are
     (:func:`cwa_core.cell.run_cell`)."""
+    from cwa_core import schema
     from cwa_core.cell import run_cell
     from cwa_core.config import ConfigError
     from cwa_core.experiment import BaselineError
@@ -192,8 +193,8 @@ def run_single(args: argparse.Namespace) -> int:
     from cwa_core.sweep.worker import ModelWorker
 
     cfg = config_from_args(args)
-    if (Path(cfg.out_dir) / "manifest.json").exists() and not args.overwrite:
-        raise UsageError(f"--out-dir: {cfg.out_dir} already holds an experiment (manifest.json); "
+    if (Path(cfg.out_dir) / schema.MANIFEST).exists() and not args.overwrite:
+        raise UsageError(f"--out-dir: {cfg.out_dir} already holds an experiment ({schema.MANIFEST}); "
                          "choose another folder or pass --overwrite")
     pf = Preflight()
     try:  # every check before any work: the model's config, then (demo built) the data

@@ -25,7 +25,7 @@ from .perturb import PERTURBATIONS
 from .selection import MODES
 from .superweights import SuperWeightOptions
 
-CONTROLS = ("random_k", "bottom_k")
+from .schema import CONTROL_KINDS as CONTROLS  # the selections that are controls, in their one order
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 SECTIONS = ("model", "data", "scoring", "perturbation", "super weights", "output")

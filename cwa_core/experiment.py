@@ -25,7 +25,7 @@ from .evaluate import Perplexity, finite_status, model_device, perplexity
 from .metrics import METRICS, ScoreOptions, score
 from .numerics import mean_ratio  # noqa: F401  (re-exported for the command and the tracker)
 from .perturb import PerturbSpec, perturbed
-from .schema import ratios_by_selection  # noqa: F401  (re-exported, as mean_ratio)
+from .schema import WINDOW_NLL, ratios_by_selection  # noqa: F401  (ratios_by_selection re-exported, as mean_ratio)
 from .selection import KINDS, ScoreCollector, Selection, TensorStats, random_selection
 from .stability import jaccard, pairwise, spearman
 from .superweights import CandidateRanks, Coordinate, StudyLabels, StudyRequest, super_weight_study
@@ -33,7 +33,6 @@ from .superweights import CandidateRanks, Coordinate, StudyLabels, StudyRequest,
 log = logging.getLogger(__name__)
 
 STABILITY_SAMPLE_SEED = 20240917  # fixed: the same weights are compared across seeds
-WINDOW_NLL_FILE = "window_nll.parquet"  # per evaluation window NLL sums, beside perturbation_results.json
 
 
 class DataError(ConfigError):
@@ -201,7 +200,7 @@ class ExperimentResult:
             # the analysis cannot ask the metric registry (it never imports torch): the fact travels here
             "data_independent": METRICS.get(c.metric).data_independent,
             # per-window NLL sums (baseline and every row) live in a table beside this file
-            "window_nll": WINDOW_NLL_FILE if self.baseline.window_nll is not None else None,
+            "window_nll": WINDOW_NLL if self.baseline.window_nll is not None else None,
             "results": [{k: v for k, v in r.items() if k != "window_nll"} for r in self.results],
         }
 

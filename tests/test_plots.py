@@ -376,3 +376,33 @@ def test_the_write_experiment_call_on_real_scores_of_two_seeds(tmp_path, monkeyp
         assert lines[key].tolist() == [r[key] for r in seed0]
     # a fresh Llama's norm weights are all 1.0: magnitude ties, drawn as one value
     assert re.search(r"norm \(n=[\d,]+, all equal 1\)", figure_texts(figs[0]))
+
+
+def test_the_figure_reads_ratios_as_schema_read_ratio_except_where_only_a_hand_made_dict_could_differ(caplog):
+    """The perturbation figure keeps its own reader (``_row_ratio``): it equals
+    ``schema.read_ratio`` on every row the experiment writes (a ratio in memory or in a new file;
+    an old file's null with its status, over a finite baseline) but not on every dict a caller
+    could hand it: a null ratio over an infinite baseline with status "inf" (the figure: NaN,
+    inf / inf; the schema: inf), a null ratio beside an infinite ``ppl`` (the figure: NaN; the
+    schema: +-inf); and the figure warns where it draws NaN for want of anything to read."""
+    import itertools
+    import logging
+
+    from cwa_core.plots.perturbation import _row_ratio
+    from cwa_core.schema import read_ratio
+
+    inf, nan = math.inf, math.nan
+    values = [None, 0.0, 2.0, -1.0, inf, -inf, nan]
+    differ = []
+    with caplog.at_level(logging.CRITICAL, logger="cwa_core.plots"):
+        for ratio, ppl, status, base in itertools.product(values, values, [None, "finite", "inf", "nan", "unknown"],
+                                                          [2.0, 0.0, -1.0, inf, nan]):
+            row = {"ppl_ratio": ratio, "ppl": ppl, **({"ppl_status": status} if status else {})}
+            a, b = _row_ratio(row, base), read_ratio(row, base)
+            if not (a == b or (math.isnan(a) and math.isnan(b))):
+                differ.append((ratio, ppl, status, base, a, b))
+    assert differ and all(r is None and math.isnan(a) and (base == inf or ppl in (inf, -inf))
+                          for r, ppl, _, base, a, _ in differ)
+    assert {(ppl, status, base) for _, ppl, status, base, _, _ in differ} == (
+        {(p, "inf", inf) for p in (None, 0.0, 2.0, -1.0, inf, -inf, nan)}
+        | {(p, s, 2.0) for p in (inf, -inf) for s in (None, "finite", "unknown")})

@@ -50,14 +50,15 @@ def test_selections_have_one_order_and_every_attribute():
 
 def test_the_modules_use_the_declared_vocabulary():
     from analysis import figures
-    from cwa_core import architectures, experiment, selection
+    from cwa_core import architectures, config, experiment, selection
     from cwa_core.plots import perturbation, style
     from cwa_core.sweep import tracking
 
     assert selection.KINDS == schema.SELECTION_KINDS
+    assert config.CONTROLS == schema.CONTROL_KINDS == ("random_k", "bottom_k")  # the setting's default, in order
     assert perturbation._SELECTION_COLORS == figures.SELECTION_COLORS == schema.SELECTION_COLORS
     assert architectures.PARAM_TYPES == style._TYPE_ORDER == schema.PARAM_TYPES
-    assert experiment.WINDOW_NLL_FILE == schema.WINDOW_NLL  # still declared there too: see the module
+    assert not hasattr(experiment, "WINDOW_NLL_FILE")  # declared once: schema.WINDOW_NLL
     assert tracking.TAG_KIND == schema.TAG_KIND == "cwa.kind" and tracking.TAG_CELL == "cwa.cell_id"
 
 

@@ -3,6 +3,7 @@ the state machine (order, dependencies, retries, failures that spread, a model f
 the scheduler's loop driven by a fake Ray whose actors fail on cue."""
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -13,7 +14,7 @@ from cwa_core.sweep.plan import Task, make_plan
 from cwa_core.sweep.scheduler import execute
 from cwa_core.sweep.slots import _Slot
 from cwa_core.sweep.taskgraph import TaskGraph
-from cwa_core.sweep.tracking import NullTracker, or_none
+from cwa_core.sweep.tracking import NullTracker
 from conftest import TINYSTORIES
 
 BASE = {"model": "/m/a", "metric": "magnitude", "data_file": str(TINYSTORIES), "mode": "global", "topk": 5, "seeds": [0, 1],
@@ -57,9 +58,24 @@ def test_a_scoring_pass_waits_for_the_super_weight_study_whose_candidates_it_ran
     for t in plan.tasks:
         by_kind.setdefault(t.kind, []).append(t)
     study = by_kind["superweights"][0]
-    assert len(by_kind["superweights"]) == 1 and not study.deps
+    # the study waits for the baseline of its model and evaluation settings (its causal test's reference)
+    assert len(by_kind["superweights"]) == 1 and study.deps == (by_kind["baseline"][0].id,)
     assert all(s.deps == (study.id,) for s in by_kind["score"])
     assert by_kind["finish"][0].args.study == study.id and study.id in by_kind["evaluate"][0].deps
+
+
+def test_each_super_weight_study_waits_for_the_baseline_of_its_own_evaluation_settings():
+    from cwa_core.sweep.plan import baseline_key
+
+    plan = make_plan(_sweep(detect_super_weights=True, eval_batch_size={"grid_search": [1, 2]},
+                            super_out_ratio={"grid_search": [100.0, 1000.0]}).cells)
+    by_id = {t.id: t for t in plan.tasks}
+    studies = [t for t in plan.tasks if t.kind == "superweights"]
+    assert len(studies) == 4 and len({t.deps for t in studies}) == 2  # two eval settings, two thresholds each
+    for t in studies:
+        [dep] = t.deps
+        assert by_id[dep].kind == "baseline" and by_id[dep].key == baseline_key(t.args[0])
+        assert by_id[dep].args[0].eval_batch_size == t.args[0].eval_batch_size
 
 
 def test_an_empty_plan_has_no_tasks_and_a_finished_graph():
@@ -248,11 +264,12 @@ class _Runner:
         return _Actor(ray, cfg)
 
     def _finish_cell(self, cell, baseline, scored, rows, tracker, study=None):
-        assert tracker is None  # the null tracker is None to the cell-writing methods
+        assert isinstance(tracker, NullTracker)  # the cell-writing methods get the null tracker itself
         self.finished[cell.id] = (baseline, scored, rows, study)
         self.manifest.entry(cell.id)["status"] = "finished"
 
     def _fail_cell(self, cell, why, tracker, *, stage):
+        assert isinstance(tracker, NullTracker)
         self.failed[cell.id] = (why, stage)
         self.manifest.entry(cell.id)["status"] = "failed"
 
@@ -280,6 +297,8 @@ def test_the_loop_finishes_every_cell_with_its_inputs_and_records_the_work(tmp_p
     cell = sweep.cells[0]
     baseline, scored, rows, study = runner.finished[cell.id]
     assert baseline == {"ppl": 10.0} and study == {"track": [(0, 1)]}
+    # each study got the baseline perplexity of its model (its causal test measures none)
+    assert [args[1:] for n, args in ray.calls if n == "superweights"] == [(10.0,), (10.0,)]
     assert [s["args"][1] for s in scored] == [0, 1] and all(s["args"][-1] == ((0, 1),) for s in scored)
     assert [(r["sel"][0], r["seed"]) for r in rows] == [("top_k", 0), ("random_k", 0), ("top_k", 1), ("random_k", 1)]
     m = runner.manifest
@@ -288,7 +307,7 @@ def test_the_loop_finishes_every_cell_with_its_inputs_and_records_the_work(tmp_p
         "magnitude/seed0", "magnitude/seed1", "wanda/seed0", "wanda/seed1"]
     # per model: the study before the passes that rank its candidates, the passes before evaluations
     a_calls = [n for n, args in ray.calls if n not in ("__ray_ready__", "info") and args[0].model == "/m/a"]
-    assert a_calls.index("superweights") < a_calls.index("score") < a_calls.index("evaluate")
+    assert a_calls.index("baseline") < a_calls.index("superweights") < a_calls.index("score") < a_calls.index("evaluate")
     assert a_calls.index("baseline") == 0 and a_calls.count("baseline") == 1
 
 
@@ -352,8 +371,129 @@ def test_when_every_actor_of_a_model_died_its_work_fails_and_the_other_model_fin
     assert runner.failed[a][0] == "baseline failed 1 time(s): every actor of /m/a died (actor lost: RayActorError: killed)"
 
 
-def test_the_null_tracker_does_nothing_and_is_none_to_the_cell_writers():
+def test_the_null_tracker_does_nothing():
     t = NullTracker()
     assert t.sweep_run_id is None and t.close_leftovers(set(), set()) == [] and t.log_cell(None, None) is None
+    assert not t.enabled and t.log_failed_cell(None, "x", None) is None and t.log_stability("k", None, {}, None) is None
     t.end_sweep("FINISHED", {}), t.kill_open(), t.log_analysis(None, {})
-    assert or_none(t) is None
+
+
+class _Recorder:
+    """A tracker that is on, recording what it is asked to log."""
+
+    enabled = True
+
+    def __init__(self):
+        self.logged = []
+
+    def log_cell(self, cell, cell_dir):
+        self.logged.append(("cell", cell.id))
+        return "run-1"
+
+    def log_failed_cell(self, cell, why, cell_dir):
+        self.logged.append(("failed", cell.id))
+        return "run-2"
+
+
+def test_the_cell_writers_take_the_null_tracker_and_record_no_run_ids_nor_pass_the_logging_fault_point(
+        tmp_path, monkeypatch):
+    from cwa_core.sweep import faults
+    from cwa_core.sweep.runner import SweepRunner
+
+    sweep = _sweep(topk={"grid_search": [5, 10]})
+    a, b = sweep.cells
+    monkeypatch.setenv(faults.ENV, '[{"where": "driver:after_log", "action": "raise", "times": -1}]')
+    monkeypatch.setenv(faults.STATE_ENV, str(tmp_path))
+    runner = SweepRunner(sweep, tmp_path / "out", progress=False)
+    runner.manifest.begin(sweep)
+    runner._log_cell(a, NullTracker())  # without tracking the fault point is not passed: no raise
+    runner._fail_cell(b, "it broke", NullTracker(), stage="compute")
+    cells = json.loads((tmp_path / "out" / "sweep_manifest.json").read_text())["cells"]
+    assert cells[a.id]["status"] == "finished" and "mlflow_run_id" not in cells[a.id]
+    assert cells[b.id]["status"] == "failed" and "mlflow_failed_run_id" not in cells[b.id]
+    assert (tmp_path / "out" / b.id / "error.txt").read_text().startswith("it broke\n")
+    # with tracking on: the run ids are recorded, and the fault point after logging is passed
+    rec = _Recorder()
+    runner._fail_cell(b, "it broke", rec, stage="compute")
+    assert runner.manifest.entry(b.id)["mlflow_failed_run_id"] == "run-2"
+    with pytest.raises(faults.InjectedFault, match="driver:after_log"):
+        runner._log_cell(a, rec)
+    assert runner.manifest.entry(a.id)["mlflow_run_id"] == "run-1" and rec.logged == [("failed", b.id), ("cell", a.id)]
+
+
+# --------------------------------------------------------------------------- the study's baseline, on real workers
+
+
+class _WorkerActor(_Actor):
+    """A fake Ray actor that runs a real in-process :class:`~cwa_core.cell.Worker`."""
+
+    def __init__(self, world, cfg, worker):
+        super().__init__(world, cfg)
+        self.worker = worker
+
+    def call(self, name, args):
+        self.world.calls.append((name, args))
+        if name == "__ray_ready__":
+            return None
+        if name == "info":
+            return {"model": {"model_id": self.cfg.model}, "counts": dict(self.worker.counts), "load_seconds": 0.0}
+        return getattr(self.worker, name)(*args)
+
+
+def _timeless(report: dict) -> str:
+    """A study's report without its wall-clock seconds, as text (NaN == NaN there)."""
+    report = {**report, "detect_seconds": None, "eval": {**report["eval"], "seconds": None}}
+    return json.dumps(report, sort_keys=True, default=str)
+
+
+def test_a_sweep_study_takes_its_baseline_from_the_baseline_task_one_pass_fewer_same_numbers(tmp_path, monkeypatch):
+    import cwa_core.experiment as experiment_mod
+    import cwa_core.superweights.causal as causal_mod
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cwa_core.cell import Worker
+    from conftest import STORIES
+    from test_superweights import plant
+
+    tok = AutoTokenizer.from_pretrained(STORIES)
+    model = AutoModelForCausalLM.from_pretrained(STORIES).eval()
+    plant(model, 1, row=30, col=100, trigger=tok(" the", add_special_tokens=False)["input_ids"][-1], channel=5,
+          amp=8.0, value=4.0)
+    passes = []  # (where, what) of every perplexity pass of the baseline task and the causal test
+
+    def counting(where, real):
+        def perplexity(*a, **k):
+            passes.append((where, k.get("desc")))
+            return real(*a, **k)
+        return perplexity
+
+    monkeypatch.setattr(causal_mod, "perplexity", counting("study", causal_mod.perplexity))
+    monkeypatch.setattr(experiment_mod, "perplexity", counting("baseline", experiment_mod.perplexity))
+    sweep = _sweep(model=str(STORIES), detect_super_weights=True, topk=20, mode="per_layer", max_samples=4,
+                   max_length=64, eval_samples=16, metric={"grid_search": ["magnitude", "wanda"]})
+    cfg = sweep.cells[0].config
+
+    # the study on its own measures its reference perplexity itself
+    alone = Worker(model, tok).superweights(cfg)
+    alone_passes = list(passes)
+    assert alone_passes.count(("study", "baseline ppl")) == 1 and alone["report"]["candidates"]
+    passes.clear()
+
+    # the sweep: one baseline task; the study (shared by both cells) measures no baseline of its own
+    ray, worker = _Ray(), Worker(model, tok)
+    runner = _Runner(sweep, tmp_path)
+    runner._new_actor = lambda ray_, cfg_: _WorkerActor(ray_, cfg_, worker)
+    plan = make_plan(sweep.cells)
+    slot = _Slot(None)
+    slot.renew(runner._new_actor(ray, cfg))
+    execute(runner, ray, plan, {next(iter(plan.models)): [slot]}, NullTracker())
+    assert sorted(runner.finished) == sorted(c.id for c in sweep.cells) and not runner.failed
+    # one pass fewer: the study's own baseline pass is gone, the baseline task's is the only one
+    measured = [p for p in passes if p[0] == "study" or p[1] == "baseline ppl"]  # not the evaluations
+    assert measured == [("baseline", "baseline ppl")] + [p for p in alone_passes if p != ("study", "baseline ppl")]
+    assert len(measured) == len(alone_passes) and worker.counts["baselines"] == 1
+    assert worker.counts["super_weight_studies"] == 1
+    baseline, _, _, study = runner.finished[sweep.cells[0].id]
+    assert study["report"]["baseline_ppl"] == baseline["ppl"].ppl
+    assert _timeless(study["report"]) == _timeless(alone["report"])  # every number of the study, bit for bit
+    assert study["track"] == alone["track"]

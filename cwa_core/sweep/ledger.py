@@ -10,7 +10,9 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-MANIFEST = "sweep_manifest.json"
+from .. import schema
+
+MANIFEST = schema.SWEEP_MANIFEST
 LOCK = ".sweep.lock"
 
 
@@ -42,7 +44,7 @@ def _read_manifest(root: Path) -> dict:
 
 
 def _folder_finished(root: Path, cid: str) -> bool:
-    cm = root / cid / "manifest.json"
+    cm = root / cid / schema.MANIFEST
     try:
         return cm.exists() and json.loads(cm.read_text()).get("status") == "finished"
     except ValueError:

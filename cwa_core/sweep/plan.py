@@ -7,8 +7,9 @@ at the largest K and every mode any cell wants (smaller K are prefixes; it also 
 super-weight candidates, so it waits for their study); one evaluation per (cell, seed, selection).
 
 It also emits that work as tasks (:class:`Task`) with explicit dependencies (``Plan.tasks``): a
-super-weight study's scoring passes wait for it; a cell's evaluations wait for its baseline,
-study and scoring passes; the cell's finish (run by the driver) waits for them all.
+super-weight study waits for the baseline of its model and evaluation settings (its causal
+test's reference, not measured again) and its scoring passes wait for it; a cell's evaluations
+wait for its baseline, study and scoring passes; the cell's finish (run by the driver) waits for them all.
 :mod:`.taskgraph` schedules them.
 """
 from __future__ import annotations
@@ -107,7 +108,8 @@ class Task:
     """One unit of the plan's work: what it is, which model's actors run it, and the tasks
     whose results it needs (``deps``, ids of tasks earlier in ``Plan.tasks``).
 
-    ``args`` by kind: baseline and superweights ``(config,)``; score ``(config, seed, k, modes)``
+    ``args`` by kind: baseline ``(config,)``; superweights ``(config,)`` (the baseline's
+    perplexity is appended when it is done); score ``(config, seed, k, modes)``
     (the study's candidates are appended when it is done); evaluate ``(config, seed, selection
     kind, score task id)``; finish :class:`CellInputs`."""
 
@@ -133,9 +135,9 @@ class CellInputs:
 
 
 def make_tasks(plan: Plan) -> list[Task]:
-    """The plan's work as tasks, in the order they are first handed out: baselines, studies,
-    scoring passes, then per cell its evaluations (seed by seed, top_k then controls) and its
-    finish."""
+    """The plan's work as tasks, in the order they are first handed out: baselines, studies
+    (each after its baseline), scoring passes, then per cell its evaluations (seed by seed, top_k
+    then controls) and its finish."""
     tasks: list[Task] = []
     ids: dict[tuple, str] = {}
     for i, (bk, cfg) in enumerate(plan.baselines.items()):
@@ -143,7 +145,8 @@ def make_tasks(plan: Plan) -> list[Task]:
         tasks.append(Task(ids[bk], "baseline", model_key(cfg), key=bk, args=(cfg,)))
     for i, (key, cfg) in enumerate(plan.studies.items()):
         ids[key] = f"superweights/{i}"
-        tasks.append(Task(ids[key], "superweights", model_key(cfg), key=key, args=(cfg,)))
+        base = (ids[baseline_key(cfg)],)  # the causal test's reference: the baseline of these eval settings
+        tasks.append(Task(ids[key], "superweights", model_key(cfg), base, key=key, args=(cfg,)))
     for i, (sk, st) in enumerate(plan.scores.items()):
         ids[sk] = f"score/{i}"
         cfg = replace(st.config, topk=st.k)

@@ -22,10 +22,8 @@ What survives what:
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import logging
-import math
 import shutil
 import signal
 import sys
@@ -35,12 +33,9 @@ import traceback
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from .. import schema
 from ..cell import assemble, shared_timings
-from ..evaluate import Perplexity
-from ..experiment import ExperimentResult, stability_report
 from ..outputs import atomic_write, write_experiment, write_failure
-from ..selection import offsets_of
-from ..superweights import RankTable, add_ranks
 from . import faults
 from .ledger import LOCK, MANIFEST, SweepBusyError, SweepManifest, _exclusive, finished_cells, written_cells
 from .plan import Plan, make_plan
@@ -49,7 +44,7 @@ from .ray_setup import _RayWorker, init_ray
 from .scheduler import WAIT_S, execute
 from .slots import MAX_INFLIGHT, SweepResourceError, _fmt_resources, _one_line, _Slot, actor_demand, fits
 from .spec import Cell, Sweep, with_out_dir
-from .tracking import NullTracker, Tracker, or_none
+from .tracking import NullTracker, Tracker
 
 # names that importers (orchestrator, tests, benchmarks) read here; the code lives in the modules above
 __all__ = ["LOCK", "MANIFEST", "MAX_INFLIGHT", "WAIT_S", "SweepBusyError", "SweepResourceError", "SweepRunner",
@@ -137,7 +132,7 @@ class SweepRunner:
             self._save()
             self._close_leftovers(tracker)
             for cell in logging_only:
-                self._log_cell(cell, or_none(tracker))
+                self._log_cell(cell, tracker)
             if compute:
                 self._execute(ray, plan, groups, tracker)
             if self.sweep.report:
@@ -274,9 +269,9 @@ class SweepRunner:
             from analysis.cross_model import analyze
             from analysis.report import write_report
 
-            result = analyze([self.root], output=out / "statistical_analysis.json")
+            result = analyze([self.root], output=out / schema.STATISTICAL_ANALYSIS)
             write_report(result, out / "research_summary.pdf", figures_dir=out / "figures")
-            self.manifest["report"] = {"dir": "analysis", "json": "analysis/statistical_analysis.json",
+            self.manifest["report"] = {"dir": "analysis", "json": f"analysis/{schema.STATISTICAL_ANALYSIS}",
                                        "pdf": "analysis/research_summary.pdf", "error": None}
             runs = {cid: c.get("mlflow_run_id") for cid, c in self.manifest["cells"].items()}
             per_cell: dict[str, dict[str, float]] = {}
@@ -315,10 +310,11 @@ class SweepRunner:
         self._log_cell(cell, tracker, raise_errors=True)
 
     def _log_cell(self, cell: Cell, tracker, *, raise_errors: bool = False) -> None:
-        """Log a written cell from its folder (or, without tracking, just mark it finished)."""
+        """Log a written cell from its folder (or, without tracking, just mark it finished: no run
+        id recorded, no logging fault point passed)."""
         entry = self._entry(cell)
         cell_dir = self.root / cell.id
-        if tracker is not None:
+        if tracker.enabled:
             try:
                 entry["mlflow_run_id"] = tracker.log_cell(cell, cell_dir)
                 self._log_stability(cell, cell_dir, tracker)
@@ -334,13 +330,16 @@ class SweepRunner:
 
     def _log_stability(self, cell: Cell, cell_dir: Path, tracker) -> None:
         cfg = cell.config
-        if not cfg.stability_check or not (cell_dir / "stability.json").exists():
+        if not cfg.stability_check or not (cell_dir / schema.STABILITY).exists():
             return
         known = self.manifest.setdefault("stability_runs", {})
         skey = f"{cell.settings['model']}|{cfg.metric}|{cfg.mode}|K{cfg.topk}|seeds{','.join(map(str, cfg.seeds))}"
         if skey not in known:
-            stability = json.loads((cell_dir / "stability.json").read_text())
-            known[skey] = tracker.log_stability(skey, cell, stability, cell_dir / "plots" / "stability_analysis.png")
+            from ..plots import FIGURES  # imported already: the cell's figures were drawn
+
+            stability = json.loads((cell_dir / schema.STABILITY).read_text())
+            plot = cell_dir / schema.PLOTS_DIR / FIGURES.get("stability_analysis").file
+            known[skey] = tracker.log_stability(skey, cell, stability, plot)
 
     def _fail_cell(self, cell: Cell, why: str, tracker, *, stage: str) -> None:
         """Record a failed cell: sweep manifest, ``<cell>/error.txt``, a failed cell manifest
@@ -348,14 +347,14 @@ class SweepRunner:
         cell_dir = self.root / cell.id
         detail = traceback.format_exc()
         try:
-            atomic_write(cell_dir / "error.txt", why + "\n" + ("" if detail.startswith("NoneType: None") else "\n" + detail))
+            atomic_write(cell_dir / schema.ERROR_FILE, why + "\n" + ("" if detail.startswith("NoneType: None") else "\n" + detail))
             if stage != "log":  # a logging failure leaves complete files: resume logs them
                 write_failure(cell_dir, with_out_dir(cell, self.root).to_dict(), RuntimeError(why), time.perf_counter())
         except Exception as e:  # noqa: BLE001
             log.warning("could not write the failure of cell %s: %s", cell.id, _one_line(e))
         entry = self._entry(cell)
-        entry.update({"status": "failed", "error": why, "stage": stage, "error_file": str(cell_dir / "error.txt")})
-        if tracker is not None:
+        entry.update({"status": "failed", "error": why, "stage": stage, "error_file": str(cell_dir / schema.ERROR_FILE)})
+        if tracker.enabled:
             try:
                 entry["mlflow_failed_run_id"] = tracker.log_failed_cell(cell, why, cell_dir if cell_dir.is_dir() else None)
             except Exception as e:  # noqa: BLE001

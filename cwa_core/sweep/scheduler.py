@@ -17,7 +17,6 @@ from .slots import (MAX_INFLIGHT, _fmt_resources, _has_process, _is_actor_loss, 
                     _Slot, actor_demand, fits)
 from .spec import Cell
 from .taskgraph import TaskGraph
-from .tracking import or_none
 
 if TYPE_CHECKING:
     from .runner import SweepRunner
@@ -155,6 +154,8 @@ class _Scheduler:
             args = t.args
             if t.kind == "score" and t.deps:  # it ranks the study's super-weight candidates
                 args = (*args, tuple(self.graph.results[t.deps[0]]["track"]))
+            elif t.kind == "superweights":  # the causal test's reference: the baseline measured already
+                args = (*args, self.graph.results[t.deps[0]]["ppl"])
             elif t.kind == "evaluate":
                 cfg, seed, kind, score = args
                 args = (cfg, self.graph.results[score]["scores"].selection(kind, cfg.mode, cfg.topk), seed)
@@ -178,7 +179,7 @@ class _Scheduler:
                 self._fail_cell(t.args.cell, msg)
 
     def _fail_cell(self, cell: Cell, why: str, *, stage: str = "compute") -> None:
-        self.runner._fail_cell(cell, why, or_none(self.tracker), stage=stage)
+        self.runner._fail_cell(cell, why, self.tracker, stage=stage)
         self.prog.update(model_key(cell.config), failed=True)
 
     def _replace_actor(self, mk: tuple, slot: _Slot, culprit: Task | None, why: str) -> None:
@@ -209,7 +210,7 @@ class _Scheduler:
         cell, res = inputs.cell, self.graph.results
         try:
             self.runner._finish_cell(cell, res[inputs.baseline], [res[s] for s in inputs.scores],
-                                     [res[e] for e in inputs.evaluations], or_none(self.tracker),
+                                     [res[e] for e in inputs.evaluations], self.tracker,
                                      res[inputs.study] if inputs.study else None)
         except Exception as e:  # noqa: BLE001 - the cell's failure is the cell's alone
             self.graph.give_up(task.id)

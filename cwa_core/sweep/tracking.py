@@ -29,6 +29,7 @@ from pathlib import Path
 
 from ..evaluate import finite_status
 from ..experiment import mean_ratio, ratios_by_selection
+from .. import schema
 from ..schema import (TAG_CELL, TAG_ERROR, TAG_KIND, TAG_PLOTS_FAILED, TAG_STABILITY, TAG_SUPERSEDED,  # noqa: F401
                       TAG_SWEEP, TAG_SWEEP_RUN)
 from .faults import maybe_fault
@@ -214,19 +215,19 @@ class Tracker:
 
     def _log_cell(self, cell, cell_dir: Path) -> str:
         cfg = cell.config
-        result = json.loads((cell_dir / "perturbation_results.json").read_text())
-        manifest = json.loads((cell_dir / "manifest.json").read_text())
+        result = json.loads((cell_dir / schema.PERTURBATION_RESULTS).read_text())
+        manifest = json.loads((cell_dir / schema.MANIFEST).read_text())
         name = self._name(cell)
         run_id = self._run(name, None, {TAG_CELL: cell.id, TAG_KIND: "cell", TAG_SWEEP: self.experiment})
         means = {k: mean_ratio(v) for k, v in ratios_by_selection(result["results"]).items()}
         if manifest.get("plots_failed"):
             self.client.set_tag(run_id, TAG_PLOTS_FAILED, "; ".join(f"{k}: {v}" for k, v in manifest["plots_failed"].items())[:5000])
         extra = {}
-        if (cell_dir / "stability.json").exists():  # on the cell's row too, to sort and compare
-            stab = json.loads((cell_dir / "stability.json").read_text())
+        if (cell_dir / schema.STABILITY).exists():  # on the cell's row too, to sort and compare
+            stab = json.loads((cell_dir / schema.STABILITY).read_text())
             extra.update({"jaccard_mean": stab["jaccard"]["mean"], "spearman_mean": stab["spearman"]["mean"]})
-        if (cell_dir / "super_weights.json").exists():
-            report = json.loads((cell_dir / "super_weights.json").read_text())
+        if (cell_dir / schema.SUPER_WEIGHTS).exists():
+            report = json.loads((cell_dir / schema.SUPER_WEIGHTS).read_text())
             every = report.get("all") or {}
             random_ppl = every.get("ppl_random")
             extra.update({"super_weight_candidates": len(report["candidates"]),
@@ -274,7 +275,7 @@ class Tracker:
                                   "data_independent": stability["data_independent"]},
                   metrics={"jaccard_mean": j["mean"], "jaccard_min": j["min"], "jaccard_max": j["max"],
                            "spearman_mean": s["mean"]})
-        self.client.log_text(run_id, json.dumps(stability, indent=2, default=str), "stability.json")
+        self.client.log_text(run_id, json.dumps(stability, indent=2, default=str), schema.STABILITY)
         if plot is not None and plot.exists():
             self.client.log_artifact(run_id, str(plot))
         self._end(run_id)
@@ -322,8 +323,3 @@ class NullTracker:
     def log_analysis(self, folder: Path, cell_metrics: dict[str, dict[str, float]]) -> None:
         pass
 
-
-def or_none(tracker: Tracker | NullTracker) -> Tracker | None:
-    """``tracker``, or None for the null tracker: for the cell-writing methods that still ask
-    ``tracker is not None`` (a null tracker there would add null run ids to the manifest)."""
-    return tracker if tracker.enabled else None
