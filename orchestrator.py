@@ -167,7 +167,8 @@ def _sweep_summary(root: Path, sweep) -> None:
     import json
 
     from cwa_core import schema
-    from cwa_core.experiment import mean_ratio, ratios_by_selection
+    from cwa_core.numerics import mean_ratio
+    from cwa_core.schema import ratios_by_selection
 
     for cell in sweep.cells:
         f = root / cell.id / schema.PERTURBATION_RESULTS
@@ -233,7 +234,8 @@ def _flag_message(e) -> str:
 
 
 def _summary(result, manifest: dict, out_dir: str) -> None:
-    from cwa_core.experiment import mean_ratio, ratios_by_selection
+    from cwa_core.numerics import mean_ratio
+    from cwa_core.schema import ratios_by_selection
 
     b = result.baseline
     print(f"baseline perplexity {b.ppl:.4f} ({b.n_windows} windows x {b.window_length} tokens)")

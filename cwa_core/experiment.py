@@ -17,15 +17,14 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .architectures import ParamRef, scored_params
+from .architectures import ParamRef
 from .config import ConfigError, ExperimentConfig
 from .data import (PROTOCOLS, TOKENIZER_LAYOUT, DataSplit, TextFileError, TokenCache, load_wikitext2, read_text,
                    split, special_tokens_added, text_identity)
 from .evaluate import Perplexity, finite_status, model_device, perplexity
 from .metrics import METRICS, ScoreOptions, score
-from .numerics import mean_ratio  # noqa: F401  (re-exported for the command and the tracker)
 from .perturb import PerturbSpec, perturbed
-from .schema import WINDOW_NLL, ratios_by_selection  # noqa: F401  (ratios_by_selection re-exported, as mean_ratio)
+from .schema import WINDOW_NLL
 from .selection import KINDS, ScoreCollector, Selection, TensorStats, random_selection
 from .stability import jaccard, pairwise, spearman
 from .superweights import CandidateRanks, Coordinate, StudyLabels, StudyRequest, super_weight_study

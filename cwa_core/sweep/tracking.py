@@ -28,7 +28,8 @@ import time
 from pathlib import Path
 
 from ..evaluate import finite_status
-from ..experiment import mean_ratio, ratios_by_selection
+from ..numerics import mean_ratio
+from ..schema import ratios_by_selection
 from .. import schema
 from ..schema import (TAG_CELL, TAG_ERROR, TAG_KIND, TAG_PLOTS_FAILED, TAG_STABILITY, TAG_SUPERSEDED,  # noqa: F401
                       TAG_SWEEP, TAG_SWEEP_RUN)
