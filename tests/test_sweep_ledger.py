@@ -44,3 +44,33 @@ def test_cells_in_flight_go_back_to_pending_unless_settled_and_statuses_count(tm
     assert m.finished() == set() and m.written() == set()  # no cell folder holds a finished manifest
     m.mark_pending([])
     assert SweepManifest(tmp_path, {"name": "x", "cells": {}}).statuses() == {"finished": 0, "failed": 0}
+
+
+def test_cell_ids_hash_only_non_default_settings_so_a_new_setting_renames_nothing():
+    """A setting added to the tool arrives at its default: hashing only the settings that differ
+    from their defaults keeps every id (and results folder) of the cells written before."""
+    cell = sweep_spec.parse(RAW).cells[0]
+    assert cell.id == sweep_spec.cell_id(cell.settings)
+    older = {k: v for k, v in cell.settings.items() if k not in ("super_min_drop", "stability_sample")}
+    assert sweep_spec.cell_id(older) == cell.id  # a version without those settings gave the same id
+    assert sweep_spec.non_default(cell.settings) == {"model": "/m/a", "metric": "magnitude", "topk": 5,
+                                                     "data_file": str(TINYSTORIES), "controls": ["random_k"]}
+    other = sweep_spec.parse({**RAW, "max_samples": 31}).cells[0]
+    assert other.id != cell.id
+    # a value equal to the default, written out, is the same cell
+    assert sweep_spec.parse({**RAW, "max_samples": 30, "seeds": [0]}).cells[0].id == cell.id
+
+
+def test_a_recorded_cell_under_other_settings_starts_anew_on_resume(tmp_path):
+    """Two settings dicts can share an id when a default changed between versions; the manifest
+    records each cell's settings and a resumed sweep recomputes a cell whose settings differ."""
+    sweep = sweep_spec.parse(RAW)
+    cid = sweep.cells[0].id
+    older = {k: v for k, v in sweep.cells[0].settings.items() if k != "super_min_drop"}
+    changed = {**sweep.cells[0].settings, "max_samples": 99}  # as if 99 had been the default then
+    for recorded, kept in ((older, True), (changed, False), (None, False)):
+        m = SweepManifest(tmp_path, {"name": "ledger", "cells": {cid: {"status": "finished", "settings": recorded}}})
+        m.begin(sweep)
+        assert (m.entry(cid)["status"] == "finished") is kept
+        assert m.entry(cid)["settings"] == (recorded if kept else sweep.cells[0].settings)
+    assert sweep_spec.same_settings({**older, "removed_long_ago": 1}, sweep.cells[0].settings)

@@ -88,8 +88,11 @@ class SweepManifest(dict):
         """A run of ``sweep`` starts: its identity, and every cell not recorded yet as pending."""
         self.update({"name": sweep.name, "spec_hash": sweep.spec_hash,
                      "sweep_file": str(sweep.path) if sweep.path else None})
-        for c in sweep.cells:
-            self["cells"].setdefault(c.id, {"status": "pending", "settings": c.settings})
+        from .spec import same_settings
+
+        for c in sweep.cells:  # a cell recorded under other settings (a default changed since) starts anew
+            if not same_settings(self["cells"].get(c.id, {}).get("settings"), c.settings):
+                self["cells"][c.id] = {"status": "pending", "settings": c.settings}
 
     def entry(self, cell_id: str) -> dict:
         return self["cells"][cell_id]

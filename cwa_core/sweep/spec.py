@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from ..config import ConfigError, ExperimentConfig, sweep_keys
+from ..config import ConfigError, ExperimentConfig, defaults, sweep_keys
 
 
 # key -> (python types allowed for one value, is it a list-valued key), from the settings' declarations
@@ -58,7 +58,7 @@ class Retries:
 
 @dataclass(frozen=True)
 class Cell:
-    """One resolved experiment of the grid; ``id`` is a hash of its settings."""
+    """One resolved experiment of the grid; ``id`` is :func:`cell_id` of its settings."""
 
     id: str
     settings: dict  # ExperimentConfig fields, builtin names unresolved (portable)
@@ -83,6 +83,33 @@ class Sweep:
 
 def _hash(obj: Any, n: int = 12) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
+
+
+def _plain(v: Any) -> Any:
+    return list(v) if isinstance(v, tuple) else v
+
+
+def non_default(settings: dict) -> dict:
+    """The settings that differ from their defaults (the required ones always)."""
+    d = defaults()
+    return {k: v for k, v in settings.items() if k not in d or _plain(v) != _plain(d[k])}
+
+
+def cell_id(settings: dict) -> str:
+    """A cell's id: a hash of its settings that differ from their defaults, so that a setting
+    added to the tool (at its default) leaves every existing cell's id, and folder, as it was.
+    A default that changes could give two cells one id: :func:`same_settings` tells them apart
+    where a results folder is reused (resume)."""
+    return _hash(non_default(settings))
+
+
+def same_settings(recorded: dict | None, settings: dict) -> bool:
+    """Whether a cell recorded with ``recorded`` settings (an older version may lack settings
+    added since: those count as their defaults) is the cell ``settings`` describe."""
+    if recorded is None:
+        return False
+    d = defaults()
+    return all(_plain(recorded.get(k, d.get(k))) == _plain(v) for k, v in settings.items())
 
 
 def _type_names(types: tuple[type, ...]) -> str:
@@ -166,7 +193,7 @@ def parse(raw: Any, *, path: Path | None = None) -> Sweep:
         except TypeError as e:
             raise SpecError(f"sweep: {e}") from None
         full = {k: v for k, v in config.to_dict().items() if k != "out_dir"}
-        cid = _hash(full)
+        cid = cell_id(full)
         if cid in seen:
             continue
         seen.add(cid)
