@@ -44,6 +44,13 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
 def _str_list(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
@@ -79,7 +86,7 @@ def _experiment_flags(p: OneLineParser) -> None:
         if vt.types == (bool,):
             g.add_argument(flag(name), action="store_true", help=s.help)
         elif vt.is_list:
-            g.add_argument(flag(name), type=_int_list if vt.item is int else _str_list,
+            g.add_argument(flag(name), type={int: _int_list, float: _float_list}.get(vt.item, _str_list),
                            default=",".join(map(str, default[name])), help=s.help)
         else:
             g.add_argument(flag(name), type=vt.item, default=default.get(name), help=s.help,
@@ -122,7 +129,8 @@ def run_sweep(args: argparse.Namespace) -> int:
         print(format_table(plan.rows()))
         counts = plan.counts()
         print(f"{counts['cells']} cells over {counts['models']} model(s): {counts['baselines']} baseline evaluation(s), "
-              f"{counts['scoring_passes']} scoring pass(es), {counts['evaluations']} perturbed evaluations")
+              f"{counts['scoring_passes']} scoring pass(es), {counts['evaluations']} perturbed evaluations"
+              + (f", {counts['trials']} campaign trial(s)" if counts["trials"] else ""))
         return 0
     from cwa_core.sweep.runner import SweepBusyError, SweepResourceError, SweepRunner
 

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 SWEEP_MANIFEST = schema.SWEEP_MANIFEST
 # settings that do not change what was measured (where it ran, what was drawn, how it was batched)
 NOT_MEASUREMENT = {"out_dir", "save_plots", "stability_check", "device", "eval_batch_size", "micro_batch",
-                   "seeds", "controls", "stability_sample"}
+                   "seeds", "controls", "stability_sample", *schema.CAMPAIGN_SETTINGS}  # a campaign adds its own file
 # settings that are grouped on explicitly or belong to the evaluation protocol
 EXPLICIT = {"model", "metric", "topk", "mode", "perturb", "perturb_scale", "perturb_bit",
             "eval_file", "eval_length", "eval_samples", "bos", "protocol", "dtype"}

@@ -26,14 +26,17 @@ from typing import Callable, ContextManager, Sequence
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import campaign as campaigns
 from .architectures import scored_params
-from .config import DATA_FIELDS, ExperimentConfig, settings_key
+from .campaign_stats import summarize
+from .config import DATA_FIELDS, ExperimentConfig, pass_fields, settings_key
 from .data import DataSplit, TokenCache
 from .experiment import (ExperimentResult, baseline_perplexity, check_calibration, evaluate_selection, load_split,
                          score_seed, stability_report, study_super_weights, tensor_table)
-from .metrics import ScoreOptions
+from .metrics import METRICS, ScoreOptions
 from .perturb import PerturbSpec
-from .selection import Selection, offsets_of
+from .schema import CAMPAIGN_SETTINGS, HARSHER, LEVEL_NAMES, SELECTION_KINDS
+from .selection import Selection, offsets_of, tensor_offsets
 from .superweights import RankTable, add_ranks
 
 # the single command's log lines keep the name they had (cwa_core.experiment ran them)
@@ -56,6 +59,18 @@ def kinds(cfg: ExperimentConfig) -> tuple[str, ...]:
     return ("top_k", *cfg.controls)
 
 
+def protection(cfg: ExperimentConfig, scored: dict, study: dict | None) -> tuple[dict[str, Selection], list[dict]]:
+    """What a trial's protected sets are made of: the seed's selections that ``cfg.protect``
+    names (from its scoring pass, :meth:`Worker.score`) and the study's candidates (layer, row,
+    col) when it names super_weights."""
+    sels = {kind: scored["scores"].selection(kind, cfg.mode, cfg.topk) for kind in SELECTION_KINDS
+            if kind in cfg.protect}
+    cands = []
+    if "super_weights" in cfg.protect:
+        cands = [{k: c[k] for k in ("layer", "row", "col")} for c in study["report"]["candidates"]]
+    return sels, cands
+
+
 class Worker:
     """A model held in memory and the tasks of cells on it, one at a time (a perturbation is
     restored before the next task starts). A corpus is tokenized once (per layout); each data
@@ -68,6 +83,7 @@ class Worker:
         self._splits: dict[tuple, DataSplit] = {}
         self.tokens = TokenCache(tokenizer)  # token ids shared by the data settings of one text
         self._refs: dict[tuple, list] = {}
+        self._prune_scores: tuple[tuple, list] | None = None  # the last full scoring (pruning ranks it)
 
     # -- caches --------------------------------------------------------------------------
     def use_split(self, cfg: ExperimentConfig, split: DataSplit) -> None:
@@ -123,6 +139,35 @@ class Worker:
         self.counts["scoring_passes"] += 1
         return {"scores": ss, "tensors": tensor_table(refs)}
 
+    def trial(self, cfg: ExperimentConfig, seed: int, level: float, trial: int, selections: dict[str, Selection],
+              candidates: Sequence[dict] = ()) -> list[dict]:
+        """One trial of the cell's campaign: every arm of ``cfg.protect`` (its protected set from
+        ``selections`` and the super-weight ``candidates``, see :func:`protection`) under the same
+        intervention at ``level``; rows without the ratio (:func:`assemble` divides)."""
+        refs = self.refs(cfg.param_types)
+        sw = campaigns.super_weight_ids(refs, candidates) if "super_weights" in cfg.protect else None
+        protected = campaigns.protected_sets(selections, tensor_offsets(refs), cfg.protect, super_ids=sw)
+        spec = campaigns.CampaignSpec(cfg.campaign, cfg.bits, cfg.quant_group, cfg.prune_group)
+        scores = self.full_scores(cfg, seed) if cfg.campaign == "prune" else None
+        rows = campaigns.run_trial(self.model, refs, self.split(cfg).eval_windows(), spec, protected, level=level,
+                                   seed=seed, trial=trial, batch_size=cfg.eval_batch_size, scores=scores)
+        self.counts["trials"] = self.counts.get("trials", 0) + 1
+        return rows
+
+    def full_scores(self, cfg: ExperimentConfig, seed: int) -> list:
+        """Every weight's score under ``cfg.metric`` for ``seed`` (what pruning ranks; the same
+        calibration windows as the seed's scoring pass). The last one is kept (O(weights) host
+        memory), so a cell's levels and trials score once."""
+        key = (settings_key(cfg, pass_fields("score")), seed)
+        if self._prune_scores is None or self._prune_scores[0] != key:
+            self._prune_scores = None  # free the old one first
+            refs = self.refs(cfg.param_types)
+            data_free = METRICS.get(cfg.metric).data_independent
+            calib = None if data_free else self.split(cfg).calib_windows(cfg.max_samples, seed)
+            opts = ScoreOptions(cfg.micro_batch, cfg.hutchinson_probes, seed, self.progress)
+            self._prune_scores = (key, campaigns.full_scores(self.model, refs, cfg.metric, calib, opts))
+        return self._prune_scores[1]
+
     def evaluate(self, cfg: ExperimentConfig, selection: Selection, seed: int) -> dict:
         """Perplexity with ``selection`` perturbed as ``cfg`` says (restored afterwards); the
         ratio to the baseline is left to :func:`assemble` (another worker may hold the baseline)."""
@@ -136,23 +181,28 @@ class Worker:
         return row
 
 
-def shared_timings(baseline: dict, scored: Sequence[dict], rows: Sequence[dict], study: dict | None) -> dict:
+def shared_timings(baseline: dict, scored: Sequence[dict], rows: Sequence[dict], study: dict | None,
+                   trials: Sequence[list[dict]] = ()) -> dict:
     """A sweep cell's timings: its share of the work, the parts shared with other cells in full."""
     timings = {"baseline_ppl (shared)": baseline["seconds"],
                "score (shared)": sum(s["scores"].seconds for s in scored),
                "perturb_eval": sum(r["seconds"] for r in rows)}
     if study is not None:
         timings["super_weights (shared)"] = study["seconds"]
+    if trials:
+        timings["campaign"] = sum(r["seconds"] for t in trials for r in t)
     return timings
 
 
 def assemble(cfg: ExperimentConfig, baseline: dict, scored: Sequence[dict], rows: Sequence[dict],
-             study: dict | None, timings: dict[str, float], *, stage: Stage | None = None) -> ExperimentResult:
+             study: dict | None, timings: dict[str, float], *, stage: Stage | None = None,
+             trials: Sequence[list[dict]] = ()) -> ExperimentResult:
     """The cell's result from its tasks' answers: ``baseline`` (:meth:`Worker.baseline`),
     ``scored`` (:meth:`Worker.score`, one per seed in ``cfg.seeds`` order), ``rows``
     (:meth:`Worker.evaluate`, seed by seed, :func:`kinds` order), ``study``
-    (:meth:`Worker.superweights`, or None). The study's report is copied (cells share it) and
-    given the ranks under this cell's metric and seeds."""
+    (:meth:`Worker.superweights`, or None), ``trials`` (:meth:`Worker.trial`, in
+    :meth:`~cwa_core.config.ExperimentConfig.campaign_trials` order). The study's report is copied (cells share it) and given the
+    ranks under this cell's metric and seeds."""
     base = baseline["ppl"]
     # the worker does not know the baseline (another actor may have computed it)
     results = [{**{k: v for k, v in r.items() if k != "seconds"}, "ppl_ratio": r["ppl"] / base.ppl} for r in rows]
@@ -167,7 +217,30 @@ def assemble(cfg: ExperimentConfig, baseline: dict, scored: Sequence[dict], rows
     if study is not None:
         sw = add_ranks(copy.deepcopy(study["report"]),
                        {cfg.metric: {ss.seed: RankTable(ss.ranks or []) for ss in seed_scores}})
-    return ExperimentResult(cfg, base, results, seed_scores, stability, baseline["data"], tensors, timings, sw)
+    campaign = None
+    if cfg.campaign != "none":
+        campaign = campaign_result(cfg, baseline, tensors, [r for t in trials for r in t])
+    return ExperimentResult(cfg, base, results, seed_scores, stability, baseline["data"], tensors, timings, sw,
+                            campaign)
+
+
+def campaign_result(cfg: ExperimentConfig, baseline: dict, tensors: Sequence[dict], rows: Sequence[dict]) -> dict:
+    """``campaign_results.json``: the campaign's settings, every trial row of every arm with its
+    ratio to the baseline, and the statistics of :func:`cwa_core.campaign_stats.summarize`."""
+    base = baseline["ppl"].ppl
+    rows = [{**r, "ppl_ratio": r["ppl"] / base} for r in rows]
+    settings = cfg.to_dict()
+    out = {"format": "cwa.campaign/1", "campaign": cfg.campaign, "level_name": LEVEL_NAMES[cfg.campaign],
+           "harsher": HARSHER[cfg.campaign],
+           "settings": {k: settings[k] for k in (*CAMPAIGN_SETTINGS[1:], "metric", "mode", "topk", "seeds")},
+           "model": cfg.model, "baseline_ppl": base, "dtype": (baseline.get("model") or {}).get("dtype"),
+           "n_weights": sum(math.prod(t["shape"]) for t in tensors),
+           "arms": {arm: {"n_protected": max((r["n_protected"] for r in rows if r["arm"] == arm), default=0)}
+                    for arm in cfg.protect},
+           "trials": rows}
+    out.update(summarize(rows, fail_ratio=cfg.fail_ratio, level_name=out["level_name"], harsher=out["harsher"],
+                         arms=list(cfg.protect)))
+    return out
 
 
 @dataclass
@@ -229,7 +302,23 @@ def run_cell(worker: Worker, cfg: ExperimentConfig, *, shared: Shared | None = N
                 rows.append(worker.evaluate(cfg, answer["scores"].selection(kind, cfg.mode, cfg.topk), seed))
             bar.update()
     bar.close()
-    return assemble(cfg, baseline, scored, rows, study, clock.seconds, stage=stage)
+    trials = _run_campaign(worker, cfg, scored, study, clock, progress)
+    return assemble(cfg, baseline, scored, rows, study, clock.seconds, stage=stage, trials=trials)
+
+
+def _run_campaign(worker: Worker, cfg: ExperimentConfig, scored: Sequence[dict], study: dict | None, clock,
+                  progress: bool) -> list[list[dict]]:
+    """The cell's campaign trials (``cfg.campaign_trials()``), each on its seed's protected sets."""
+    todo = cfg.campaign_trials()
+    if not todo:
+        return []
+    by_seed = {seed: protection(cfg, answer, study) for seed, answer in zip(cfg.seeds, scored)}
+    out = []
+    for seed, level, trial in tqdm(todo, desc=f"{cfg.campaign} x{len(cfg.protect)} arms", disable=not progress,
+                                   unit="trial"):
+        with clock("campaign"):
+            out.append(worker.trial(cfg, seed, level, trial, *by_seed[seed]))
+    return out
 
 
 def _no_stage(name: str) -> ContextManager:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .architectures import PARAM_TYPES, DEFAULT_PARAM_TYPES
+from .bit_errors import BIT_CLASSES
 from .data import BOS_LAYOUTS, PROTOCOLS
 from .demo import BUILTIN
 from .metrics import METRICS
@@ -25,10 +26,12 @@ from .perturb import PERTURBATIONS
 from .selection import MODES
 from .superweights import SuperWeightOptions
 
+from .schema import ARMS, CAMPAIGNS, CAMPAIGN_SETTINGS, LEVEL_NAMES
 from .schema import CONTROL_KINDS as CONTROLS  # the selections that are controls, in their one order
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
-SECTIONS = ("model", "data", "scoring", "perturbation", "super weights", "output")
+SECTIONS = ("model", "data", "scoring", "perturbation", "super weights", "campaign", "output")
+PRUNE_GROUPS = ("row", "layer", "global")
 # The shared work a setting decides (cwa_core.sweep.plan): the loaded model; the data split (tokenized
 # corpora, windows: it also decides every pass below); the baseline evaluation; a scoring pass; a
 # super-weight study (its settings also key the scoring pass that ranks its candidates); or only the
@@ -142,6 +145,39 @@ def _param_types(v: tuple) -> str | None:
     return "at least one parameter type" if len(v) == 0 else None
 
 
+def _once(v: tuple) -> str | None:
+    return "a value is listed twice" if len(set(v)) != len(v) else None
+
+
+def _rates(v: tuple) -> str | None:
+    ok = len(v) > 0 and all(isinstance(r, (int, float)) and not isinstance(r, bool) and 0 <= r <= 1 for r in v)
+    return _once(v) if ok else f"must be error rates per bit in [0, 1], got {list(v)!r}"
+
+
+def _quant_bits(v: tuple) -> str | None:
+    ok = len(v) > 0 and all(_is_int(b) and 2 <= b <= 8 for b in v)
+    return _once(v) if ok else f"must be integers in 2..8, got {list(v)!r}"
+
+
+def _sparsities(v: tuple) -> str | None:
+    ok = len(v) > 0 and all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x < 1 for x in v)
+    return _once(v) if ok else f"must be numbers in [0, 1), got {list(v)!r}"
+
+
+def _quant_group(v: object) -> str | None:
+    ok = v in ("tensor", "row") or (isinstance(v, str) and v.isdigit() and int(v) > 0)
+    return None if ok else f"unknown {v!r}; allowed: tensor, row or a positive integer (weights per group)"
+
+
+def _fail_ratio(v: object) -> str | None:
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and 1 <= v < math.inf
+    return None if ok else f"must be a finite number >= 1 (a trial fails above it), got {v!r}"
+
+
+def _arms(v: tuple) -> str | None:
+    return "at least one arm" if len(v) == 0 else _once(v)
+
+
 def _prompt(v: object) -> str | None:
     return None if v is None or (isinstance(v, str) and v.strip() != "") else "must be a non-empty text"
 
@@ -231,12 +267,38 @@ class ExperimentConfig:
                                  help="prompts: the first N held-out evaluation windows")
     super_prompt: str | None = setting(None, section="super weights", passes=("study",), check=_prompt,
                                        help="or one prompt text (the published method)")
+    # Phase 2 (cwa_core.campaign): an intervention on the whole model, each protected set left intact
+    campaign: str = setting("none", section="campaign", passes=("cell",), choices=lambda: ["none", *CAMPAIGNS],
+                            help="bit_errors, quantize or prune the whole model with each --protect set left "
+                                 "intact (none: Phase 1 only)")
+    protect: tuple[str, ...] = setting(("none", "top_k", "random_k"), section="campaign", passes=("cell",),
+                                       choices=lambda: list(ARMS), check=_arms,
+                                       help="comma-separated arms: the sets left intact (top_k/random_k/bottom_k: "
+                                            "--metric, --mode, --topk; super_weights: the detected candidates)")
+    error_rate: tuple[float, ...] = setting((1e-6,), section="campaign", passes=("cell",), check=_rates,
+                                            help="bit_errors: comma-separated error rates per stored bit")
+    trials: int = setting(10, section="campaign", passes=("cell",), check=_positive,
+                          help="bit_errors: independent draws per seed and rate (every arm sees each draw)")
+    bits: str = setting("all", section="campaign", passes=("cell",), choices=lambda: list(BIT_CLASSES),
+                        help="bit_errors: which stored bits may flip")
+    quant_bits: tuple[int, ...] = setting((8, 4, 3), section="campaign", passes=("cell",), check=_quant_bits,
+                                          help="quantize: comma-separated bit widths (round to nearest, symmetric)")
+    quant_group: str = setting("row", section="campaign", passes=("cell",), check=_quant_group,
+                               help="quantize: weights sharing a scale: tensor, row, or N consecutive inputs")
+    sparsity: tuple[float, ...] = setting((0.5,), section="campaign", passes=("cell",), check=_sparsities,
+                                          help="prune: comma-separated shares of weights zeroed")
+    prune_group: str = setting("row", section="campaign", passes=("cell",), choices=lambda: list(PRUNE_GROUPS),
+                               help="prune: where the lowest scores are compared: each output row (Wanda), "
+                                    "each tensor, or the whole model")
+    fail_ratio: float = setting(2.0, section="campaign", passes=("cell",), check=_fail_ratio,
+                                help="a trial fails when its perplexity ratio exceeds this (or is not finite)")
     out_dir: str | None = setting(None, section="output", passes=("cell",), flag=False, sweep=False,
                                   help="output folder (with --sweep: results root, default results/<name>)")
 
     def __post_init__(self) -> None:
-        for name, values in (("controls", self.controls), ("seeds", self.seeds), ("param_types", self.param_types)):
-            object.__setattr__(self, name, tuple(values))
+        for name, vt in value_types().items():  # list settings as tuples (sweep files give lists)
+            if vt.is_list:
+                object.__setattr__(self, name, tuple(getattr(self, name)))
         self.validate()
 
     @property
@@ -266,6 +328,7 @@ class ExperimentConfig:
             _check_field(f.name, f.metadata["setting"], getattr(self, f.name))
         self._check_protocol()
         self._check_perturbation()
+        self._check_campaign()
         if self.stability_check and len(self.seeds) < 2:
             raise ConfigError("stability_check", "needs at least 2 seeds")
 
@@ -303,6 +366,27 @@ class ExperimentConfig:
             raise ConfigError("perturb_bit", f"must be a bit index 0..{width - 1} for --dtype {self.dtype}, got "
                               f"{self.perturb_bit!r}" if width < 64 else "must be a bit index 0..63 (0..15 for "
                               f"bf16/fp16, 0..31 for fp32), got {self.perturb_bit!r}")
+
+    def _check_campaign(self) -> None:
+        if self.campaign == "none":
+            unused = [k for k in CAMPAIGN_SETTINGS[1:] if getattr(self, k) != _DEFAULTS()[k]]
+            if unused:
+                raise ConfigError(unused[0], f"a campaign setting, but no campaign is chosen; add campaign "
+                                  f"({', '.join(CAMPAIGNS)})")
+        elif "super_weights" in self.protect and not self.detect_super_weights:
+            raise ConfigError("protect", "super_weights needs the super-weight study: add detect_super_weights")
+
+    @property
+    def levels(self) -> tuple:
+        """The campaign's levels (error rates, bit widths or sparsities), as given; () without one."""
+        return getattr(self, LEVEL_NAMES[self.campaign]) if self.campaign != "none" else ()
+
+    def campaign_trials(self) -> list[tuple[int, float, int]]:
+        """(seed, level, trial) of the campaign in the order its rows are kept: seed, level as
+        given, trial. bit_errors draws ``trials`` times per seed and rate; quantize and prune are
+        deterministic given the protected sets: one trial per seed and level. [] without a campaign."""
+        n = self.trials if self.campaign == "bit_errors" else 1
+        return [(seed, level, t) for seed in self.seeds for level in self.levels for t in range(n)]
 
     def super_weight_options(self) -> SuperWeightOptions:
         return SuperWeightOptions(out_ratio=self.super_out_ratio, in_ratio=self.super_in_ratio,
@@ -383,6 +467,8 @@ def defaults() -> dict[str, Any]:
     """Every setting's default (the required ones absent)."""
     return {f.name: f.default for f in fields(ExperimentConfig) if f.default is not MISSING}
 
+
+_DEFAULTS = cache(defaults)
 
 # The settings that decide the data split (tokenized corpora, windows): work keyed by them is shared.
 DATA_FIELDS = pass_fields("data")

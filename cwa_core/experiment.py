@@ -183,6 +183,7 @@ class ExperimentResult:
     tensors: list[dict]  # name, layer, param_type, shape of every scored tensor, by tensor id
     timings: dict[str, float] = field(default_factory=dict)
     super_weights: dict | None = None  # super_weights.json, when detection ran
+    campaign: dict | None = None  # campaign_results.json, when a Phase 2 campaign ran (cwa_core.cell)
 
     def perturbation_report(self) -> dict:
         c = self.config

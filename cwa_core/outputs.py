@@ -219,6 +219,18 @@ def score_sample_table(seed_scores: Sequence[SeedScores], tensors: Sequence[dict
     return {k: np.concatenate(v) if v else np.array([]) for k, v in parts.items()}
 
 
+CAMPAIGN_COLUMNS = ("arm", "level", "seed", "trial", "n_protected", "changed", "drawn", "protected_hits", "ppl",
+                    "nll", "status", "ppl_ratio")
+
+
+def campaign_table(campaign: dict) -> dict:
+    """campaign_results.json's trial rows as columns (:data:`CAMPAIGN_COLUMNS`; not the seconds),
+    with the campaign and its level's name on every row."""
+    rows = campaign["trials"]
+    cols = {c: [r[c] for r in rows] for c in CAMPAIGN_COLUMNS}
+    return {"campaign": [campaign["campaign"]] * len(rows), "level_name": [campaign["level_name"]] * len(rows), **cols}
+
+
 def window_nll_table(result: ExperimentResult) -> dict | None:
     """Per evaluation window the summed NLL (nats) and its predictions, for the baseline
     (selection :data:`schema.BASELINE`, seed -1) and every evaluated selection and seed: the rows of
@@ -275,6 +287,10 @@ def write_experiment(out_dir: str | Path, result: ExperimentResult, *, model_inf
         put_json(schema.STABILITY, result.stability)
     if result.super_weights is not None:
         put_json(schema.SUPER_WEIGHTS, result.super_weights)
+    if result.campaign is not None:
+        put_json(schema.CAMPAIGN_RESULTS, result.campaign)
+        write_parquet(out / schema.CAMPAIGN_TRIALS, campaign_table(result.campaign))
+        files.append(schema.CAMPAIGN_TRIALS)
     timings = {**(extra_timings or {}), **result.timings}
     plots_failed: dict[str, str] = {}
     if result.super_weights is not None:  # detection's figure: drawn whenever detection ran
@@ -293,7 +309,7 @@ def write_experiment(out_dir: str | Path, result: ExperimentResult, *, model_inf
             paths, failed = save_experiment_plots(
                 out, samples_per_seed=[weighted_samples(ss) for ss in result.seed_scores],
                 stats_per_seed=stats["per_seed"], seeds=[ss.seed for ss in result.seed_scores],
-                perturbation=perturbation, stability=result.stability, metric=cfg.metric)
+                perturbation=perturbation, stability=result.stability, metric=cfg.metric, campaign=result.campaign)
             files += [str(Path(p).relative_to(out)) for p in paths]
             plots_failed.update(failed)
         except Exception as e:  # noqa: BLE001 - a figure is the least important output

@@ -44,6 +44,8 @@ ERROR_FILE = "error.txt"  # a failed sweep cell's error
 STATISTICAL_ANALYSIS = "statistical_analysis.json"
 PLOTS_DIR = "plots"
 SUPER_WEIGHT_PLOT = "super_weight_spikes.png"
+CAMPAIGN_RESULTS = "campaign_results.json"  # a Phase 2 campaign: every trial of every arm, and its statistics
+CAMPAIGN_TRIALS = "campaign_trials.parquet"  # the same trials as a table
 
 # --------------------------------------------------------------------------- selections
 
@@ -81,6 +83,17 @@ def selection_kind(name: str) -> SelectionKind:
             return s
     raise KeyError(f"unknown selection kind {name!r}; known: {', '.join(SELECTION_KINDS)}")
 
+
+# --------------------------------------------------------------------------- Phase 2 campaigns
+
+# An intervention on the whole model (issue 17), its arms (the sets left intact) and its level.
+CAMPAIGNS = ("bit_errors", "quantize", "prune")
+ARMS = ("none", "top_k", "random_k", "bottom_k", "super_weights")  # the one order of the protected sets
+LEVEL_NAMES = {"bit_errors": "error_rate", "quantize": "quant_bits", "prune": "sparsity"}
+HARSHER = {"bit_errors": 1, "quantize": -1, "prune": 1}  # the direction of a harsher level
+# the settings of a campaign (cwa_core.config's "campaign" section): they never change a Phase 1 number
+CAMPAIGN_SETTINGS = ("campaign", "protect", "error_rate", "trials", "bits", "quant_bits", "quant_group",
+                     "sparsity", "prune_group", "fail_ratio")
 
 # --------------------------------------------------------------------------- parameter types
 

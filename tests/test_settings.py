@@ -30,7 +30,7 @@ def _flag_value(name: str):
         pick = next(c for c in reversed(s.choices()) if c != default)
         return pick, pick
     if vt.is_list:
-        return ("3,1", [3, 1]) if vt.item is int else ("a,b", ["a", "b"])
+        return {int: ("3,1", [3, 1]), float: ("0.25,1e-3", [0.25, 0.001])}.get(vt.item, ("a,b", ["a", "b"]))
     return {int: ("7", 7), float: ("0.25", 0.25), str: ("text", "text")}[vt.item]
 
 

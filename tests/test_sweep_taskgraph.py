@@ -224,8 +224,11 @@ class _Actor:
             raise error
         self.counts[name] = self.counts.get(name, 0) + 1
         return {"__ray_ready__": lambda: None, "baseline": lambda: {"ppl": 10.0},
-                "superweights": lambda: {"track": [(0, 1)]}, "score": lambda: {"scores": _Scores(), "args": args},
+                "superweights": lambda: {"track": [(0, 1)], "report": {"candidates": [{"layer": 1, "row": 2, "col": 3,
+                                                                                        "score": 9.0}]}}, "score": lambda: {"scores": _Scores(), "args": args},
                 "evaluate": lambda: {"sel": args[1], "seed": args[2]},
+                "trial": lambda: [{"seed": args[1], "level": args[2], "trial": args[3], "protect": args[4],
+                                   "candidates": args[5]}],
                 "info": lambda: {"model": {"model_id": self.cfg.model}, "counts": dict(self.counts),
                                  "load_seconds": 0.0}}[name]()
 
@@ -255,7 +258,7 @@ class _Runner:
         self.sweep, self.progress, self.timings = sweep, False, {}
         self.manifest = SweepManifest(tmp_path, {"name": sweep.name, "cells": {}})
         self.manifest.begin(sweep)
-        self.finished, self.failed = {}, {}
+        self.finished, self.failed, self.trials = {}, {}, {}
 
     def _save(self):
         pass
@@ -263,9 +266,10 @@ class _Runner:
     def _new_actor(self, ray, cfg):
         return _Actor(ray, cfg)
 
-    def _finish_cell(self, cell, baseline, scored, rows, tracker, study=None):
+    def _finish_cell(self, cell, baseline, scored, rows, tracker, study=None, trials=None):
         assert isinstance(tracker, NullTracker)  # the cell-writing methods get the null tracker itself
         self.finished[cell.id] = (baseline, scored, rows, study)
+        self.trials[cell.id] = trials
         self.manifest.entry(cell.id)["status"] = "finished"
 
     def _fail_cell(self, cell, why, tracker, *, stage):
@@ -296,7 +300,7 @@ def test_the_loop_finishes_every_cell_with_its_inputs_and_records_the_work(tmp_p
     assert sorted(runner.finished) == sorted(c.id for c in sweep.cells) and not runner.failed
     cell = sweep.cells[0]
     baseline, scored, rows, study = runner.finished[cell.id]
-    assert baseline == {"ppl": 10.0} and study == {"track": [(0, 1)]}
+    assert baseline == {"ppl": 10.0} and study["track"] == [(0, 1)]
     # each study got the baseline perplexity of its model (its causal test measures none)
     assert [args[1:] for n, args in ray.calls if n == "superweights"] == [(10.0,), (10.0,)]
     assert [s["args"][1] for s in scored] == [0, 1] and all(s["args"][-1] == ((0, 1),) for s in scored)
@@ -497,3 +501,18 @@ def test_a_sweep_study_takes_its_baseline_from_the_baseline_task_one_pass_fewer_
     assert study["report"]["baseline_ppl"] == baseline["ppl"].ppl
     assert _timeless(study["report"]) == _timeless(alone["report"])  # every number of the study, bit for bit
     assert study["track"] == alone["track"]
+
+
+def test_campaign_trials_run_on_the_actors_with_their_seeds_protected_sets_and_reach_the_finish_in_order(tmp_path):
+    """Issue 17: trials are tasks spread over the model's actors; each gets its seed's selections
+    (the arms of ``protect``) and the study's candidates; the finish gets them in the cell's order."""
+    sweep = _sweep(campaign="bit_errors", error_rate=[1e-6, 1e-5], trials=3, detect_super_weights=True,
+                   protect=["none", "top_k", "random_k", "super_weights"])
+    runner, ray = _execute(tmp_path, sweep)
+    cell = sweep.cells[0]
+    trials = runner.trials[cell.id]
+    assert [(t[0]["seed"], t[0]["level"], t[0]["trial"]) for t in trials] == cell.config.campaign_trials()
+    assert len(trials) == 2 * 2 * 3 and runner.manifest["trials"] == 12
+    assert all(t[0]["protect"] == {"top_k": ("top_k", "global", 5), "random_k": ("random_k", "global", 5)}
+               for t in trials)
+    assert all(t[0]["candidates"] == [{"layer": 1, "row": 2, "col": 3}] for t in trials)  # coordinates only

@@ -77,7 +77,8 @@ class Plan:
     def counts(self) -> dict:
         return {"cells": len(self.cells), "models": len(self.models), "baselines": len(self.baselines),
                 "scoring_passes": len(self.scores), "super_weight_studies": len(self.studies),
-                "evaluations": sum(len(c.config.seeds) * (1 + len(c.config.controls)) for c in self.cells)}
+                "evaluations": sum(len(c.config.seeds) * (1 + len(c.config.controls)) for c in self.cells),
+                "trials": sum(len(c.config.campaign_trials()) for c in self.cells)}
 
 
 def make_plan(cells: list[Cell]) -> Plan:
@@ -111,10 +112,11 @@ class Task:
     ``args`` by kind: baseline ``(config,)``; superweights ``(config,)`` (the baseline's
     perplexity is appended when it is done); score ``(config, seed, k, modes)``
     (the study's candidates are appended when it is done); evaluate ``(config, seed, selection
-    kind, score task id)``; finish :class:`CellInputs`."""
+    kind, score task id)``; trial ``(config, seed, level, trial, score task id, study task id or
+    None)`` (one trial of a campaign, every arm); finish :class:`CellInputs`."""
 
     id: str
-    kind: str  # baseline | superweights | score | evaluate | finish
+    kind: str  # baseline | superweights | score | evaluate | trial | finish
     model_key: tuple
     deps: tuple[str, ...] = ()
     key: Any = None  # the sharing key: baseline, study or score key; (cell id, seed, selection); cell id
@@ -132,6 +134,7 @@ class CellInputs:
     scores: tuple[str, ...]  # one per seed, in the cell's seed order
     evaluations: tuple[str, ...]  # per seed, top_k then the controls
     study: str | None = None
+    trials: tuple[str, ...] = ()  # the campaign's trials, in ExperimentConfig.campaign_trials order
 
 
 def make_tasks(plan: Plan) -> list[Task]:
@@ -158,7 +161,7 @@ def make_tasks(plan: Plan) -> list[Task]:
 
 
 def _cell_tasks(cell: Cell, ids: dict[tuple, str]) -> list[Task]:
-    """A cell's evaluations (each waits for every input of the cell) and its finish."""
+    """A cell's evaluations and campaign trials (each waits for every input of the cell) and its finish."""
     cfg, mk = cell.config, model_key(cell.config)
     study = None if sw_key(cfg) is None else ids[sw_key(cfg)]
     scores = tuple(ids[score_key(cfg, s)] for s in cfg.seeds)
@@ -166,9 +169,15 @@ def _cell_tasks(cell: Cell, ids: dict[tuple, str]) -> list[Task]:
     evals = [Task(f"evaluate/{cell.id}/{seed}/{kind}", "evaluate", mk, inputs, (cell.id, seed, kind),
                   (cfg, seed, kind, score), cell=cell.id)
              for seed, score in zip(cfg.seeds, scores) for kind in ("top_k", *cfg.controls)]
-    finish = Task(f"finish/{cell.id}", "finish", mk, (*inputs, *(t.id for t in evals)), cell.id,
-                  CellInputs(cell, inputs[0], scores, tuple(t.id for t in evals), study), cell=cell.id, on_driver=True)
-    return [*evals, finish]
+    by_seed = dict(zip(cfg.seeds, scores))
+    trials = [Task(f"trial/{cell.id}/{seed}/{level!r}/{t}", "trial", mk, inputs, (cell.id, seed, level, t),
+                   (cfg, seed, level, t, by_seed[seed], study), cell=cell.id)
+              for seed, level, t in cfg.campaign_trials()]
+    work = (*(t.id for t in evals), *(t.id for t in trials))
+    finish = Task(f"finish/{cell.id}", "finish", mk, (*inputs, *work), cell.id,
+                  CellInputs(cell, inputs[0], scores, tuple(t.id for t in evals), study, tuple(t.id for t in trials)),
+                  cell=cell.id, on_driver=True)
+    return [*evals, *trials, finish]
 
 
 def format_table(rows: list[dict]) -> str:

@@ -291,12 +291,12 @@ class SweepRunner:
 
     # -- one cell --------------------------------------------------------------------------
     def _finish_cell(self, cell: Cell, baseline: dict, scored: list[dict], rows: list[dict], tracker,
-                     study: dict | None = None) -> None:
+                     study: dict | None = None, trials: list[list[dict]] | None = None) -> None:
         """Write the cell's files (then say so), then log them to MLflow (then say so). The cell's
         result is assembled as the single command's is (:func:`cwa_core.cell.assemble`)."""
-        timings = shared_timings(baseline, scored, rows, study)
+        timings = shared_timings(baseline, scored, rows, study, trials or ())
         out_cfg = with_out_dir(cell, self.root)
-        result = assemble(out_cfg, baseline, scored, rows, study, timings)
+        result = assemble(out_cfg, baseline, scored, rows, study, timings, trials=trials or ())
         cell_dir = Path(out_cfg.out_dir)
         info = baseline["model"]
         # the cell's total: its share of the work (shared parts in full) plus writing its files

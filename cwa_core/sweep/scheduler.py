@@ -11,6 +11,7 @@ import time
 import traceback
 from typing import TYPE_CHECKING
 
+from ..cell import protection
 from .plan import CellInputs, Plan, Task, model_key
 from .progress import _Progress
 from .slots import (MAX_INFLIGHT, _fmt_resources, _has_process, _is_actor_loss, _needs_fresh_actor, _one_line,
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("cwa_core.sweep.runner")
 WAIT_S = 1.0  # the longest the driver waits without looking at Ctrl-C
 COUNTED = {"baseline": "baselines", "superweights": "super_weight_studies", "score": "scoring_passes",
-           "evaluate": "evaluations"}
+           "evaluate": "evaluations", "trial": "trials"}
 
 
 def execute(runner: SweepRunner, ray, plan: Plan, groups: dict[tuple, list[_Slot]], tracker) -> None:
@@ -38,6 +39,8 @@ def _what(task: Task) -> str:
         return f"scoring (seed {task.key[-1][1]})"
     if task.kind == "evaluate":
         return f"evaluation (seed {task.key[1]}, {task.key[2]})"
+    if task.kind == "trial":
+        return f"campaign trial (seed {task.key[1]}, level {task.key[2]:g}, trial {task.key[3]})"
     return {"baseline": "baseline", "superweights": "super-weight study"}[task.kind]
 
 
@@ -159,6 +162,10 @@ class _Scheduler:
             elif t.kind == "evaluate":
                 cfg, seed, kind, score = args
                 args = (cfg, self.graph.results[score]["scores"].selection(kind, cfg.mode, cfg.topk), seed)
+            elif t.kind == "trial":  # the seed's protected sets: its selections, the study's candidates
+                cfg, seed, level, trial, score, study = args
+                res = self.graph.results
+                args = (cfg, seed, level, trial, *protection(cfg, res[score], res[study] if study else None))
             self.args[t.id] = args
         return self.args[t.id]
 
@@ -211,7 +218,7 @@ class _Scheduler:
         try:
             self.runner._finish_cell(cell, res[inputs.baseline], [res[s] for s in inputs.scores],
                                      [res[e] for e in inputs.evaluations], self.tracker,
-                                     res[inputs.study] if inputs.study else None)
+                                     res[inputs.study] if inputs.study else None, [res[t] for t in inputs.trials])
         except Exception as e:  # noqa: BLE001 - the cell's failure is the cell's alone
             self.graph.give_up(task.id)
             self._fail_cell(cell, f"finishing the cell failed: {_one_line(e)}", stage=getattr(e, "cwa_stage", "write"))
@@ -285,7 +292,7 @@ class _Scheduler:
         m = self.runner.manifest
         # an actor replaced after finishing work had loaded its model too
         m.count("model_loads", len(infos) + sum(s.deaths for slots in self.groups.values() for s in slots))
-        for what in ("scoring_passes", "super_weight_studies", "evaluations"):
+        for what in ("scoring_passes", "super_weight_studies", "evaluations", "trials"):
             m.count(what, self.counts[what])
         m.add_actors(infos)
         done = [t.key for t in self.graph.tasks.values() if t.kind == "score" and self.graph.state[t.id] == "done"]

@@ -65,6 +65,22 @@ def with_log10(ratios: dict[str, float | None]) -> dict[str, float | None]:
     return {**ratios, **{f"log10_{k}": log10_ratio(v) for k, v in ratios.items()}}
 
 
+def campaign_metrics(campaign: dict) -> dict[str, float | None]:
+    """A campaign's aggregates for its cell run (not one run per trial): per arm and level the
+    median ratio (and its log10) and the failure rate, named ``campaign/<arm>/<what>/<level>``;
+    the headline when it has a value. Non-finite values are not logged (:meth:`Tracker._log`)."""
+    out: dict[str, float | None] = {}
+    for s in campaign.get("summary", []):
+        at = f"{s['arm']}/{{}}/{s['level']:g}"
+        out[f"campaign/{at.format('failure_rate')}"] = s["failure_rate"]
+        out[f"campaign/{at.format('median_ratio')}"] = s["median_ratio"]
+        out[f"campaign/{at.format('log10_median_ratio')}"] = log10_ratio(s["median_ratio"])
+    head = campaign.get("headline") or {}
+    if head.get("available") and head.get("value") is not None:
+        out["campaign/headline"] = head["value"]
+    return out
+
+
 def _flat(settings: dict) -> dict[str, str]:
     return {k: (",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)) for k, v in settings.items()}
 
@@ -197,7 +213,8 @@ class Tracker:
     @staticmethod
     def _name(cell) -> str:
         cfg = cell.config
-        return f"{Path(str(cell.settings['model'])).name}/{cfg.metric}/{cfg.mode}/K{cfg.topk}/{cfg.perturb}"
+        name = f"{Path(str(cell.settings['model'])).name}/{cfg.metric}/{cfg.mode}/K{cfg.topk}/{cfg.perturb}"
+        return name if cfg.campaign == "none" else f"{name}/{cfg.campaign}"
 
     def log_cell(self, cell, cell_dir: Path) -> str:
         """The cell run with its children, read from the cell's written folder. If logging fails
@@ -237,6 +254,8 @@ class Tracker:
                           "super_weights_ppl_restored": every.get("ppl_restored"),
                           **with_log10({f"super_weights_{k}": every.get(k)
                                         for k in ("ratio_zeroed", "ratio_random", "ratio_restored")})})
+        if (cell_dir / schema.CAMPAIGN_RESULTS).exists():
+            extra.update(campaign_metrics(json.loads((cell_dir / schema.CAMPAIGN_RESULTS).read_text())))
         self._log(run_id, params={**_flat(cell.settings), "cell_id": cell.id, "perturbation": cfg.perturb,
                                   "protocol": (result.get("protocol") or {}).get("name", cfg.protocol)},
                   metrics={"baseline_ppl": result["baseline"]["ppl"],

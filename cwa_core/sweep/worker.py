@@ -55,6 +55,11 @@ class ModelWorker(Worker):
         maybe_fault("score", metric=cfg.metric, seed=seed)
         return super().score(cfg, seed, k, modes, track)
 
+    def trial(self, cfg: ExperimentConfig, seed: int, level: float, trial: int, selections: dict,
+              candidates=()) -> list[dict]:
+        maybe_fault("trial", metric=cfg.metric, campaign=cfg.campaign, seed=seed, trial=trial)
+        return super().trial(cfg, seed, level, trial, selections, candidates)
+
     def evaluate(self, cfg: ExperimentConfig, selection: Selection, seed: int) -> dict:
         maybe_fault("evaluate", metric=cfg.metric, topk=cfg.topk, perturb=cfg.perturb, seed=seed, kind=selection.kind)
         return super().evaluate(cfg, selection, seed)
