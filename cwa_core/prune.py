@@ -68,15 +68,17 @@ def prune_mask(scores: torch.Tensor, sparsity: float, *, group: str = "row",
     a ``protected`` (bool, same shape) weight."""
     s = check_sparsity(sparsity)
     _check_protected(protected, scores.shape)
+    if group not in ("row", "layer"):
+        raise ValueError(f"prune_group: prune_mask takes row or layer (global: global_masks), got {group!r}")
     key = scores.detach().float()
+    if key.numel() == 0:
+        return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
     if group == "row":
         rows = to_rows(key, in_dim)  # (outputs, inputs)
         prot = None if protected is None else to_rows(protected, in_dim)
-        return from_rows(_lowest(rows, prot, int(rows.shape[1] * s)), scores, in_dim)
-    if group == "layer":
-        prot = None if protected is None else protected.reshape(1, -1)
-        return _lowest(key.reshape(1, -1), prot, int(key.numel() * s)).view(scores.shape)
-    raise ValueError(f"prune_group: prune_mask takes row or layer (global: global_masks), got {group!r}")
+        return from_rows(_lowest(rows, prot, int(rows.shape[1] * s)), scores, in_dim).contiguous()
+    prot = None if protected is None else protected.reshape(1, -1)
+    return _lowest(key.reshape(1, -1), prot, int(key.numel() * s)).view(scores.shape)
 
 
 def global_masks(scores: Sequence[torch.Tensor], sparsity: float, *,

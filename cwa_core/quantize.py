@@ -64,17 +64,18 @@ def check_bits(bits: int) -> int:
     return int(bits)
 
 
-def _group_scale(mag: torch.Tensor, group: str | int, qmax: int) -> torch.Tensor:
-    """Per-weight scale (rows, cols) from ``mag`` (rows, cols): |w| of the counted weights, 0 elsewhere."""
-    rows, cols = mag.shape
+def _groups(x: torch.Tensor, keep: torch.Tensor, group: str | int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, keep) (rows, cols) reshaped so that every row is one group: group N pads each row with
+    zeros (never a group's max, dropped again afterwards) to a multiple of N and cuts it in rows of N."""
     if group == "tensor":
-        return (mag.amax() / qmax).expand(rows, cols)
+        return x.reshape(1, -1), keep.reshape(1, -1)
     if group == "row":
-        return (mag.amax(dim=1, keepdim=True) / qmax).expand(rows, cols)
-    n_groups = -(-cols // group)  # the last group of a row is shorter when group does not divide cols
-    padded = torch.nn.functional.pad(mag, (0, n_groups * group - cols))  # zeros never raise a max
-    scale = padded.view(rows, n_groups, group).amax(dim=2) / qmax  # (rows, n_groups)
-    return scale.repeat_interleave(group, dim=1)[:, :cols]
+        return x, keep
+    pad = -x.shape[1] % group
+    if pad:
+        x = torch.cat([x, x.new_zeros(x.shape[0], pad)], dim=1)
+        keep = torch.cat([keep, keep.new_ones(keep.shape[0], pad)], dim=1)
+    return x.reshape(-1, group), keep.reshape(-1, group)
 
 
 def rtn(w: torch.Tensor, bits: int, group: str | int, *, protected: torch.Tensor | None = None,
@@ -88,12 +89,17 @@ def rtn(w: torch.Tensor, bits: int, group: str | int, *, protected: torch.Tensor
     if protected is not None and (protected.shape != w.shape or protected.dtype != torch.bool):
         raise ValueError(f"protected: must be a bool mask of shape {tuple(w.shape)}, got "
                          f"{protected.dtype} {tuple(protected.shape)}")
+    if w.numel() == 0:
+        return w.detach().clone()
     x = to_rows(w.detach(), in_dim).float()  # (rows, inputs)
-    keep = ~torch.isfinite(x)
+    rows, cols = x.shape
+    keep = ~torch.isfinite(x)  # kept as they are and out of the scale: non-finite and protected
     if protected is not None:
         keep |= to_rows(protected, in_dim)
-    scale = _group_scale(torch.where(keep, 0.0, x.abs()), group, qmax)
+    x, keep = _groups(x, keep, group)  # (groups, size)
+    scale = torch.where(keep, 0.0, x.abs()).amax(dim=1, keepdim=True).div_(qmax)  # (groups, 1)
     keep |= scale == 0  # nothing counted in the group (all zero, protected or non-finite)
-    q = torch.clamp(torch.round(x / torch.where(keep, 1.0, scale)), -qmax, qmax) * scale
-    out = from_rows(q.to(w.dtype), w, in_dim)
-    return torch.where(from_rows(keep, w, in_dim), w.detach(), out)
+    q = x.div(torch.where(scale == 0, 1.0, scale)).round_().clamp_(-qmax, qmax).mul_(scale)  # x may view w
+    q = q.reshape(rows, -1)[:, :cols].to(w.dtype)
+    keep = keep.reshape(rows, -1)[:, :cols]
+    return torch.where(from_rows(keep, w, in_dim), w.detach(), from_rows(q, w, in_dim)).contiguous()

@@ -80,12 +80,18 @@ def test_nan_scores_rank_above_inf_and_are_pruned_last():
 
 def test_zero_sparsity_prunes_nothing_and_conv1d_rows_follow_the_input_axis():
     s = _scores((6, 9), 5)
+    before = s.clone()
     assert not prune_mask(s, 0.0).any() and not prune_mask(s, 0, group="layer").any()
     assert not global_masks([s], 0.0, protected=[None])[0].any()
-    assert torch.equal(prune_mask(s, 0.4, in_dim=0), prune_mask(s.T.contiguous(), 0.4, in_dim=1).T)  # Conv1D (in, out)
+    conv = prune_mask(s, 0.4, in_dim=0)  # GPT-2 Conv1D (in, out): the rows are columns
+    assert conv.is_contiguous() and torch.equal(conv, prune_mask(s.T.contiguous(), 0.4, in_dim=1).T)
     e = _scores((3, 4, 10), 6)  # experts (E, out, in): every expert's output row
     assert prune_mask(e, 0.5, in_dim=None).sum(-1).eq(5).all()
     assert prune_mask(_scores((8,), 7), 0.5, in_dim=None).sum() == 4  # a vector is one row
+    assert torch.equal(s, before)  # scores are not modified
+    assert prune_mask(torch.zeros(0, 3), 0.5).shape == (0, 3) and prune_mask(torch.zeros(4, 0), 0.5).shape == (4, 0)
+    assert [m.shape for m in global_masks([torch.zeros(0), s], 0.5, protected=[None, None])] == [(0,), s.shape]
+    assert global_masks([], 0.5, protected=[]) == []
 
 
 @pytest.mark.parametrize("sparsity", [1.0, -0.1, float("nan"), True, "0.5", 2])

@@ -55,7 +55,9 @@ def test_rtn_equals_the_reference_bit_for_bit(group, bits, with_protected):
     if with_protected:
         prot[2] = True  # a fully protected row
         prot.view(-1)[w.abs().view(-1).argmax()] = True  # the largest weight held out: the scale shrinks
+    before = w.clone()
     got = rtn(w, bits, group, protected=prot)
+    assert _same_bits(w, before)  # the input is not modified
     want = torch.from_numpy(_reference_rtn(w.numpy(), bits, parse_group(group), prot.numpy()))
     assert _same_bits(got, want)
     assert _same_bits(got[prot], w[prot])
@@ -64,7 +66,8 @@ def test_rtn_equals_the_reference_bit_for_bit(group, bits, with_protected):
 
 def test_conv1d_input_axis_and_experts_rows():
     w = _heavy((13, 6), seed=1)  # GPT-2 Conv1D: (in, out)
-    assert _same_bits(rtn(w, 4, "5", in_dim=0), rtn(w.T.contiguous(), 4, "5", in_dim=1).T.contiguous())
+    got = rtn(w, 4, "5", in_dim=0)
+    assert got.is_contiguous() and _same_bits(got, rtn(w.T.contiguous(), 4, "5", in_dim=1).T.contiguous())
     e = _heavy((3, 4, 10), seed=2)  # fused experts (E, out, in): the last axis is the input
     per_expert = torch.stack([rtn(e[i], 3, "row") for i in range(3)])
     assert _same_bits(rtn(e, 3, "row", in_dim=None), per_expert)
@@ -104,6 +107,7 @@ def test_protected_bits_survive_in_every_dtype(dtype):
 
 def test_zero_groups_non_finite_weights_and_two_bits():
     z = torch.zeros(3, 5)
+    assert rtn(torch.zeros(0, 4), 4, "row").shape == (0, 4) and rtn(torch.zeros(0), 4, "2", in_dim=None).numel() == 0
     assert _same_bits(rtn(z, 8, "tensor"), z) and _same_bits(rtn(z, 2, "2"), z)
     w = torch.tensor([[float("inf"), 1.0, -0.4, 0.2], [float("nan"), 0.0, 0.0, 0.0], [-float("inf"), 2.0, 1.2, -0.9]])
     got = rtn(w, 2, "row")  # qmax 1: every finite weight becomes -s, 0 or s
