@@ -10,14 +10,15 @@ weights (a group with fewer unprotected weights than its quota loses all of them
   and Effective Pruning Approach for Large Language Models", §3 "comparison group"; locuslab/wanda
   lib/prune.py: ``sort_res = torch.sort(W_metric, dim=-1, stable=True)``, ``indices =
   sort_res[1][:, :int(W_metric.shape[1] * args.sparsity_ratio)]``).
-* ``layer``: ``int(numel * sparsity)`` over the whole tensor (layer-wise magnitude pruning,
-  Han et al. 2015, "Learning both Weights and Connections for Efficient Neural Networks", §3).
+* ``layer``: ``int(numel * sparsity)`` over the whole tensor: the per-layer comparison of magnitude
+  pruning (Han et al. 2015, "Learning both Weights and Connections for Efficient Neural Networks",
+  §3, which thresholds each layer; a fixed fraction per layer as in the Wanda paper's baseline).
 * ``global``: ``int(total * sparsity)`` over all tensors together (:func:`global_masks`).
 
 Order: ascending score, ties broken by position (stable sort): the lower input index within a
 row, the lower stored flat index within a tensor, then the earlier tensor for ``global``. NaN
 scores rank above every number, +inf included (``torch.sort``'s order, hence Wanda's): they are
-pruned last, so the counts stay exact. Scores are compared in float32.
+pruned last, so the counts stay exact. Scores are compared in float32 (the metrics' dtype).
 
 Memory: one sort per tensor (int64 indices and a running count, 16 bytes per weight, freed
 before the next tensor); no Python object per weight. :func:`global_masks` holds every score and

@@ -2,13 +2,13 @@
 
 Absmax quantization (Dettmers et al. 2022, "LLM.int8()", §2, "absmax quantization"): a group of
 weights shares the scale ``s = max |w| / qmax``, ``qmax = 2^(bits-1) - 1``, and each weight becomes
-``clamp(round(w / s), -qmax, qmax) * s`` (dequantized back, so the model runs as before with
-quantized values). ``torch.round`` rounds half to even (2.5 -> 2, 1.5 -> 2, -0.5 -> -0).
+``clamp(round(w / s), -qmax, qmax) * s``, dequantized back to w's dtype (the model runs as
+before, on quantized values). ``torch.round`` rounds half to even (2.5 -> 2, 1.5 -> 2, -0.5 -> -0).
 
 Protected weights keep their stored value bit for bit and are left out of their group's scale:
 the super-weight paper's handling (Yu et al. 2024, "The Super Weight in Large Language Models",
-§4: the super weight is held out, restored after quantization, and excluded from the absmax, so
-it cannot inflate the scale of the weights around it). Non-finite weights (inf, NaN) are treated
+§4, super-outlier aware quantization: the super weight is held out of the quantization and
+restored afterwards, so it does not set the scale of the weights around it). Non-finite weights (inf, NaN) are treated
 the same way: kept as they are and left out of the scale (an inf would make the scale inf and
 every other weight of its group 0 or NaN). A group whose scale is 0 (its counted weights are all
 zero, or it has none) is left unchanged.
