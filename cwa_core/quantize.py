@@ -11,7 +11,7 @@ the super-weight paper's handling (Yu et al. 2024, "The Super Weight in Large La
 restored afterwards, so it does not set the scale of the weights around it). Non-finite weights (inf, NaN) are treated
 the same way: kept as they are and left out of the scale (an inf would make the scale inf and
 every other weight of its group 0 or NaN). A group whose scale is 0 (its counted weights are all
-zero, or it has none) is left unchanged.
+zero, it has none, or their absmax / qmax underflows: subnormals) is left unchanged.
 
 Groups follow the rows of the weight as a matrix ``(outputs, inputs)`` (:func:`to_rows`):
 ``tensor`` (one scale), ``row`` (one scale per output), or ``N`` (a positive integer: N consecutive
@@ -98,7 +98,7 @@ def rtn(w: torch.Tensor, bits: int, group: str | int, *, protected: torch.Tensor
         keep |= to_rows(protected, in_dim)
     x, keep = _groups(x, keep, group)  # (groups, size)
     scale = torch.where(keep, 0.0, x.abs()).amax(dim=1, keepdim=True).div_(qmax)  # (groups, 1)
-    keep |= scale == 0  # nothing counted in the group (all zero, protected or non-finite)
+    keep |= scale == 0  # nothing counted, only zeros, or an absmax so small that absmax / qmax underflows
     q = x.div(torch.where(scale == 0, 1.0, scale)).round_().clamp_(-qmax, qmax).mul_(scale)  # x may view w
     q = q.reshape(rows, -1)[:, :cols].to(w.dtype)
     keep = keep.reshape(rows, -1)[:, :cols]

@@ -109,6 +109,8 @@ def test_zero_groups_non_finite_weights_and_two_bits():
     z = torch.zeros(3, 5)
     assert rtn(torch.zeros(0, 4), 4, "row").shape == (0, 4) and rtn(torch.zeros(0), 4, "2", in_dim=None).numel() == 0
     assert _same_bits(rtn(z, 8, "tensor"), z) and _same_bits(rtn(z, 2, "2"), z)
+    tiny = torch.tensor([[1e-44, -3e-45, 0.0]])  # float32 subnormals: absmax / 127 underflows to a scale of 0
+    assert _same_bits(rtn(tiny, 8, "row"), tiny)  # left as they are, not wiped to 0
     w = torch.tensor([[float("inf"), 1.0, -0.4, 0.2], [float("nan"), 0.0, 0.0, 0.0], [-float("inf"), 2.0, 1.2, -0.9]])
     got = rtn(w, 2, "row")  # qmax 1: every finite weight becomes -s, 0 or s
     assert _same_bits(got[:, 0], w[:, 0])  # inf / nan kept, not in the scale
