@@ -234,26 +234,25 @@ def _per_ref(index: np.ndarray, offsets: np.ndarray) -> Iterator[tuple[int, slic
 
 @contextlib.contextmanager
 def _flipped(refs: Sequence[ParamRef], draw: be.BitErrors, ids: np.ndarray) -> Iterator[Applied]:
-    """XOR the draw's flips outside ``ids``; the same XOR again restores them. O(flips) memory."""
+    """XOR the draw's flips outside ``ids``; the same XOR again restores them, checked against the
+    flipped weights' saved bits. O(flips) memory."""
     arm = draw.outside(ids)
+    index, masks = be.combined(arm)  # one mask per flipped weight
     offsets = tensor_offsets(refs).numpy()
-    done: list[tuple[torch.Tensor, be.BitErrors, torch.Tensor]] = []
+    done: list[tuple[torch.Tensor, np.ndarray, np.ndarray, torch.Tensor]] = []
     try:
-        for i, sl in _per_ref(arm.index, offsets):
+        for i, sl in _per_ref(index, offsets):
             flat = _flat(refs[i])
-            local = be.BitErrors(arm.index[sl] - offsets[i], arm.bits[sl])
-            before = int_view(flat)[torch.from_numpy(np.unique(local.index)).to(flat.device)]
-            be.apply(flat, local)
-            done.append((flat, local, before))
+            local = index[sl] - offsets[i]
+            before = int_view(flat)[torch.from_numpy(local).to(flat.device)]
+            be.xor_masks(flat, local, masks[sl])
+            done.append((flat, local, masks[sl], before))
         yield Applied(len(arm), len(draw) - len(arm))
     finally:
-        for flat, local, _ in reversed(done):
-            be.apply(flat, local)
-        for flat, local, before in done:
-            now = int_view(flat)[torch.from_numpy(np.unique(local.index)).to(flat.device)]
-            if not torch.equal(now, before):
-                raise PerturbationLeakError(f"{int((now != before).sum())} of {before.numel()} flipped weights do "
-                                            "not hold their original bits after restoring")
+        for flat, local, m, _ in reversed(done):
+            be.xor_masks(flat, local, m)
+        _check([(int_view(flat)[torch.from_numpy(local).to(flat.device)], before)
+                for flat, local, _, before in done], "flipped")
 
 
 @contextlib.contextmanager
@@ -262,7 +261,7 @@ def _quantized(refs: Sequence[ParamRef], spec: CampaignSpec, ids: np.ndarray, bi
     group's scale). Keeps a CPU copy of every tensor to restore: O(weights) host memory."""
     from .quantize import rtn
 
-    if isinstance(bits, bool) or int(bits) != bits:
+    if isinstance(bits, bool) or not isinstance(bits, (int, float)) or not float(bits).is_integer():
         raise ValueError(f"quant_bits: must be an integer, got {bits!r}")
     offsets = tensor_offsets(refs).tolist()
     saved: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -317,11 +316,21 @@ def _write_back(saved: Sequence[tuple[torch.Tensor, torch.Tensor | None, torch.T
             iv.copy_(bits)
         else:
             iv[idx] = bits
-    for flat, idx, bits in saved:
-        now = int_view(flat) if idx is None else int_view(flat)[idx]
-        if not torch.equal(now.to(bits.device), bits):
-            raise PerturbationLeakError(f"{int((now.to(bits.device) != bits).sum())} of {bits.numel()} changed "
-                                        "weights do not hold their original bits after restoring")
+    _check([((int_view(flat) if idx is None else int_view(flat)[idx]).to(bits.device), bits)
+            for flat, idx, bits in saved], "changed")
+
+
+def _check(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], what: str) -> None:
+    """Raise PerturbationLeakError unless every (now, saved) pair of bits is equal; the
+    comparisons stay on their device and are read back once per device, not once per tensor."""
+    per_device: dict[torch.device, list[torch.Tensor]] = {}
+    for now, saved in pairs:
+        per_device.setdefault(now.device, []).append((now == saved).all())
+    if all(bool(torch.stack(oks).all()) for oks in per_device.values()):
+        return
+    wrong = sum(int((now != saved).sum()) for now, saved in pairs)
+    raise PerturbationLeakError(f"{wrong} of {sum(s.numel() for _, s in pairs)} {what} weights do not hold "
+                                "their original bits after restoring")
 
 
 # --------------------------------------------------------------------------- one trial
