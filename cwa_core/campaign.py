@@ -29,13 +29,15 @@ from .architectures import ARCHITECTURES, ParamRef, flat_index, matrix_shape
 from .evaluate import finite_status, perplexity
 from .metrics import ScoreOptions, score
 from .perturb import PerturbationLeakError, int_view
+from .prune import GROUPS as PRUNE_GROUPS
+from .prune import global_masks, prune_mask
+from .quantize import parse_group, rtn
 from .selection import Selection, tensor_offsets
 
 CAMPAIGNS = ("bit_errors", "quantize", "prune")
 ARMS = ("none", "top_k", "random_k", "bottom_k", "super_weights")
 LEVEL_NAMES = {"bit_errors": "error_rate", "quantize": "quant_bits", "prune": "sparsity"}
 HARSHER = {"bit_errors": +1, "quantize": -1, "prune": +1}  # +1: a larger level is harsher
-PRUNE_GROUPS = ("row", "layer", "global")
 _SELECTED_ARMS = ("top_k", "random_k", "bottom_k")  # the Phase-1 selections of a seed's scoring
 
 
@@ -54,18 +56,9 @@ class CampaignSpec:
             raise ValueError(f"campaign: unknown {self.campaign!r}; allowed: {', '.join(CAMPAIGNS)}")
         if self.bits not in be.BIT_CLASSES:
             raise ValueError(f"bits: unknown {self.bits!r}; allowed: {', '.join(be.BIT_CLASSES)}")
-        _quant_group(self.quant_group)
+        parse_group(self.quant_group)
         if self.prune_group not in PRUNE_GROUPS:
             raise ValueError(f"prune_group: unknown {self.prune_group!r}; allowed: {', '.join(PRUNE_GROUPS)}")
-
-
-def _quant_group(text: str) -> str | int:
-    """"tensor", "row", or a positive number of consecutive weights along the input dimension."""
-    if text in ("tensor", "row"):
-        return text
-    if isinstance(text, str) and text.isdigit() and int(text) > 0:
-        return int(text)
-    raise ValueError(f"quant_group: {text!r} is not allowed; allowed: tensor, row, or a positive integer")
 
 
 # --------------------------------------------------------------------------- protected sets
@@ -177,14 +170,14 @@ def _local(ids: np.ndarray, start: int, n: int) -> np.ndarray:
     return ids[lo:hi] - start
 
 
-def _mask(ids: np.ndarray, start: int, ref: ParamRef) -> torch.Tensor | None:
-    """The ref's protected weights as a bool tensor of its shape on its device (None when none)."""
+def _mask(ids: np.ndarray, start: int, ref: ParamRef, device: torch.device) -> torch.Tensor | None:
+    """The ref's protected weights as a bool tensor of its shape on ``device`` (None when none)."""
     local = _local(ids, start, ref.numel)
     if local.size == 0:
         return None
     mask = torch.zeros(ref.numel, dtype=torch.bool)
     mask[torch.from_numpy(local)] = True
-    return mask.view(ref.shape).to(ref.param.device)
+    return mask.view(ref.shape).to(device)
 
 
 def _flat(ref: ParamRef) -> torch.Tensor:
@@ -259,17 +252,16 @@ def _flipped(refs: Sequence[ParamRef], draw: be.BitErrors, ids: np.ndarray) -> I
 def _quantized(refs: Sequence[ParamRef], spec: CampaignSpec, ids: np.ndarray, bits: float) -> Iterator[Applied]:
     """Round-to-nearest quantization of every ref, the protected weights kept (and left out of their
     group's scale). Keeps a CPU copy of every tensor to restore: O(weights) host memory."""
-    from .quantize import rtn
-
-    if isinstance(bits, bool) or not isinstance(bits, (int, float)) or not float(bits).is_integer():
-        raise ValueError(f"quant_bits: must be an integer, got {bits!r}")
+    if isinstance(bits, float) and bits.is_integer():
+        bits = int(bits)  # 4.0 read back from JSON is 4 bits; rtn refuses anything else not in 2..8
     offsets = tensor_offsets(refs).tolist()
     saved: list[tuple[torch.Tensor, torch.Tensor]] = []
     info = Applied()
     try:
         for r, start in zip(refs, offsets):
             flat = _flat(r)
-            q = rtn(r.param.data, int(bits), spec.quant_group, protected=_mask(ids, start, r), in_dim=r.in_dim)
+            protect = _mask(ids, start, r, r.param.device)
+            q = rtn(r.param.data, bits, spec.quant_group, protected=protect, in_dim=r.in_dim)
             saved.append((flat, int_view(flat).to("cpu", copy=True)))
             info.changed += int((int_view(q.reshape(-1)) != int_view(flat)).sum())
             flat.copy_(q.reshape(-1))
@@ -283,16 +275,15 @@ def _quantized(refs: Sequence[ParamRef], spec: CampaignSpec, ids: np.ndarray, bi
 def _pruned(refs: Sequence[ParamRef], spec: CampaignSpec, ids: np.ndarray, sparsity: float,
             scores: Sequence[torch.Tensor]) -> Iterator[Applied]:
     """Zero the lowest-scoring ``sparsity`` of each comparison group outside the protected weights;
-    only the pruned entries' bits are kept to restore: O(pruned) memory."""
-    from .prune import global_masks, prune_mask
-
+    only the pruned entries' bits are kept to restore: O(pruned) memory, plus one bool mask (a byte
+    a weight) of one tensor at a time, or of all of them for the global group."""
     offsets = tensor_offsets(refs).tolist()
-    protect = [_mask(ids, start, r) for r, start in zip(refs, offsets)]
+    protect = [_mask(ids, start, r, s.device) for r, start, s in zip(refs, offsets, scores)]
     if spec.prune_group == "global":
-        masks = global_masks(list(scores), sparsity, protected=[None if p is None else p.cpu() for p in protect])
+        masks = iter(global_masks(list(scores), sparsity, protected=protect))
     else:
-        masks = [prune_mask(s, sparsity, group=spec.prune_group, protected=None if p is None else p.cpu(),
-                            in_dim=r.in_dim) for s, p, r in zip(scores, protect, refs)]
+        masks = (prune_mask(s, sparsity, group=spec.prune_group, protected=p, in_dim=r.in_dim)
+                 for s, p, r in zip(scores, protect, refs))
     saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     info = Applied()
     try:
@@ -344,8 +335,6 @@ def run_trial(model: nn.Module, refs: Sequence[ParamRef], windows: torch.Tensor,
     draw = None
     if spec.campaign == "bit_errors":
         draw = draw_errors(refs, level, draw_rng(seed, trial, level), bits=spec.bits)
-    elif spec.campaign == "prune" and not (isinstance(level, (int, float)) and 0 <= level <= 1):
-        raise ValueError(f"sparsity: must be a number in [0, 1], got {level!r}")
     rows = []
     for arm, ids in protected.items():
         t0 = time.perf_counter()

@@ -120,8 +120,8 @@ def test_spec_validates_each_setting():
     assert cp.CampaignSpec("quantize", quant_group="128").quant_group == "128"
     for kwargs, msg in [({"campaign": "flip"}, "campaign: unknown 'flip'; allowed: bit_errors, quantize, prune"),
                         ({"campaign": "bit_errors", "bits": "low"}, "bits: unknown 'low'"),
-                        ({"campaign": "quantize", "quant_group": "0"}, "quant_group: '0' is not allowed"),
-                        ({"campaign": "quantize", "quant_group": "col"}, "quant_group: 'col' is not allowed"),
+                        ({"campaign": "quantize", "quant_group": "0"}, "quant_group: unknown '0'; allowed: tensor, row"),
+                        ({"campaign": "quantize", "quant_group": "col"}, "quant_group: unknown 'col'"),
                         ({"campaign": "prune", "prune_group": "column"}, "prune_group: unknown 'column'")]:
         with pytest.raises(ValueError, match=msg):
             cp.CampaignSpec(**kwargs)
@@ -335,3 +335,87 @@ def test_full_scores_are_every_weight_in_refs_order():
     assert all(torch.equal(g, by_name[r.name]) for g, r in zip(got, refs))
     mag[0][0, 0] = -1.0  # a copy: the model is not touched
     assert refs[0].param[0, 0] != -1.0
+
+
+# --------------------------------------------------------------------------- quantize and prune
+
+def _scores(refs):
+    return [r.param.detach().float().abs().cpu() for r in refs]  # magnitude: what Wanda's baseline ranks
+
+
+@pytest.mark.parametrize("campaign,level", [("quantize", 3), ("prune", 0.5)])
+def test_protected_weights_are_never_quantized_or_pruned(campaign, level):
+    model, refs, _, protected = setup(k=16)
+    spec, scores = cp.CampaignSpec(campaign, quant_group="8"), _scores(refs)
+    before = bits_of(refs)
+    for arm, ids in protected.items():
+        with cp.applied(refs, spec, ids, level, scores=scores) as info:
+            now = bits_of(refs)
+            assert np.array_equal(now[ids], before[ids]), arm
+            changed = np.flatnonzero(now != before)
+            assert info.changed == changed.size > now.size // 3 and info.protected_hits == 0
+            assert not np.isin(changed, ids).any()
+        assert np.array_equal(bits_of(refs), before)
+
+
+def test_pruning_half_zeroes_exactly_half_of_every_row_outside_the_protected_set():
+    model, refs, _, protected = setup(k=8)
+    spec = cp.CampaignSpec("prune")
+    offsets = tensor_offsets(refs).tolist()
+    for arm in ("none", "top_k"):
+        with cp.applied(refs, spec, protected[arm], 0.5, scores=_scores(refs)):
+            for r, start in zip(refs, offsets):
+                w = r.param.detach()
+                rows = w.reshape(1, -1) if r.in_dim is None else w
+                assert ((rows == 0).sum(dim=1) == rows.shape[1] // 2).all(), (arm, r.name)
+                ids = protected[arm][(protected[arm] >= start) & (protected[arm] < start + r.numel)] - start
+                assert (w.reshape(-1)[torch.from_numpy(ids)] != 0).all()
+    with cp.applied(refs, cp.CampaignSpec("prune", prune_group="global"), protected["none"], 0.25,
+                    scores=_scores(refs)) as info:
+        assert sum(int((r.param == 0).sum()) for r in refs) == int(sum(r.numel for r in refs) * 0.25) == info.changed
+
+
+@pytest.mark.parametrize("campaign,zero", [("prune", 0.0), ("bit_errors", 0.0)])
+def test_level_zero_gives_the_unperturbed_perplexity_exactly(campaign, zero):
+    model, refs, windows, protected = setup()
+    base = perplexity(model, windows)
+    rows = cp.run_trial(model, refs, windows, cp.CampaignSpec(campaign), protected, level=zero, seed=0, trial=0,
+                        scores=_scores(refs))
+    assert [(r["ppl"], r["nll"], r["changed"], r["drawn"]) for r in rows] == [(base.ppl, base.nll, 0, 0)] * len(rows)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("campaign,level", [("quantize", 4), ("prune", 0.5)])
+def test_quantize_and_prune_restore_every_arm_bit_for_bit(campaign, level, dtype):
+    model, refs, windows, protected = setup(dtype)
+    before, base = bits_of(refs), perplexity(model, windows).ppl
+    rows = cp.run_trial(model, refs, windows, cp.CampaignSpec(campaign), protected, level=level, seed=0, trial=0,
+                        scores=_scores(refs))
+    assert np.array_equal(bits_of(refs), before) and perplexity(model, windows).ppl == base
+    none = rows[0]
+    assert none["arm"] == "none" and all(r["drawn"] == none["changed"] > 0 for r in rows)
+    assert all(r["protected_hits"] == 0 and r["ppl"] != base for r in rows)
+    assert all(r["level"] == level and type(r["level"]) is type(level) for r in rows)
+    # without arm none, drawn is still what arm none would change
+    again = cp.run_trial(model, refs, windows, cp.CampaignSpec(campaign), {"top_k": protected["top_k"]},
+                         level=level, seed=0, trial=0, scores=_scores(refs))
+    assert again[0]["drawn"] == none["changed"] and again[0]["ppl"] == rows[1]["ppl"]
+    assert np.array_equal(bits_of(refs), before)
+
+
+def test_quantize_and_prune_refuse_bad_levels_and_missing_scores():
+    model, refs, windows, protected = setup()
+    none = {"none": protected["none"]}
+    before = bits_of(refs)
+    with pytest.raises(ValueError, match=r"quant_bits: must be an integer in 2..8, got 9"):
+        cp.run_trial(model, refs, windows, cp.CampaignSpec("quantize"), none, level=9, seed=0, trial=0)
+    with pytest.raises(ValueError, match=r"quant_bits: must be an integer in 2..8, got 3.5"):
+        cp.run_trial(model, refs, windows, cp.CampaignSpec("quantize"), none, level=3.5, seed=0, trial=0)
+    with pytest.raises(ValueError, match=r"sparsity: must be a number in \[0, 1\), got 1.0"):
+        cp.run_trial(model, refs, windows, cp.CampaignSpec("prune"), none, level=1.0, seed=0, trial=0,
+                     scores=_scores(refs))
+    with pytest.raises(ValueError, match="prune: applied\\(\\) needs one score tensor per ref"):
+        cp.run_trial(model, refs, windows, cp.CampaignSpec("prune"), none, level=0.5, seed=0, trial=0)
+    assert np.array_equal(bits_of(refs), before)
+    rows = cp.run_trial(model, refs, windows, cp.CampaignSpec("quantize"), none, level=8.0, seed=0, trial=0)
+    assert rows[0]["level"] == 8 and rows[0]["changed"] > 0  # 8 bits read back from JSON as 8.0; not identity
