@@ -84,19 +84,30 @@ def _distinct(total: int, count: int, rng: np.random.Generator) -> np.ndarray:
     return out
 
 
-def apply(flat: torch.Tensor, errors: BitErrors) -> None:
-    """XOR the draw into ``flat`` (a 1-D view of the weights drawn on, in their own dtype).
-    Applying the same draw again restores every bit."""
+def combined(errors: BitErrors) -> tuple[np.ndarray, np.ndarray]:
+    """(the distinct weight indices of ``errors``, ascending; one int64 XOR mask each): several
+    flips of one weight are XORed together first."""
     if len(errors) == 0:
+        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
+    masks = np.left_shift(np.int64(1), errors.bits)
+    starts = np.flatnonzero(np.concatenate([[True], errors.index[1:] != errors.index[:-1]]))
+    return errors.index[starts], np.bitwise_xor.reduceat(masks, starts)
+
+
+def xor_masks(flat: torch.Tensor, index: np.ndarray, masks: np.ndarray) -> None:
+    """``flat[index] ^= masks`` on the stored bits (``flat`` a 1-D view in its own dtype, ``index``
+    distinct, ``masks`` from :func:`combined`). Doing it twice restores every bit."""
+    if index.size == 0:
         return
     iv = int_view(flat)
     width = iv.element_size() * 8
-    # one mask per weight: several flips of one weight are XORed together first
-    masks = np.left_shift(np.int64(1), errors.bits)
-    starts = np.flatnonzero(np.r_[True, errors.index[1:] != errors.index[:-1]])
-    index = errors.index[starts]
-    combined = np.bitwise_xor.reduceat(masks, starts)
     if width < 64:  # as the signed integers of the view (int64 masks are signed already)
-        combined = np.where(combined >= 1 << (width - 1), combined - (1 << width), combined)
+        masks = np.where(masks >= 1 << (width - 1), masks - (1 << width), masks)
     idx = torch.from_numpy(index).to(iv.device)
-    iv[idx] = iv[idx] ^ torch.from_numpy(combined).to(device=iv.device, dtype=iv.dtype)
+    iv[idx] = iv[idx] ^ torch.from_numpy(masks).to(device=iv.device, dtype=iv.dtype)
+
+
+def apply(flat: torch.Tensor, errors: BitErrors) -> None:
+    """XOR the draw into ``flat`` (a 1-D view of the weights drawn on, in their own dtype).
+    Applying the same draw again restores every bit."""
+    xor_masks(flat, *combined(errors))

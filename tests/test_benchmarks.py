@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks import common, gpu_8b, gradient_memory, perturb, topk
+from benchmarks import bit_errors, common, gpu_8b, gradient_memory, perturb, topk
 from cwa_core import backward, metrics, selection
 from cwa_core.architectures import ParamRef, decoder_layers, scored_params
 from tiny_models import tiny_model
@@ -68,6 +68,19 @@ def test_perturb_restores_every_bit_and_reports_ratios(tmp_path):
     assert all(t > 0 for t in data["seconds"].values())
     assert data["ratio_to_perplexity"] > 0 and data["ratio_to_full_copy"] > 0
     assert set(data["extra_memory_fraction_of_model"]) == set(perturb.VARIANTS)
+
+
+def test_bit_errors_trial_restores_and_reports_ratio_and_memory(tmp_path):
+    out = bit_errors.main([*QUICK, "--out", str(tmp_path)])
+    data = _json(tmp_path, "bit_errors")
+    assert out["restored_exactly"] is True and data["restored_exactly"] is True
+    assert set(data["seconds"]) == {"perplexity", "trial", "draw_apply_restore"}
+    assert all(t > 0 for t in data["seconds"].values()) and _finite(data["ratio"])
+    assert data["verdict"] in ("PASS", "FAIL") and data["limit"] == 1.05
+    runs = data["memory_runs"]
+    assert runs["10x_weights"]["weights"] / runs["small"]["weights"] == pytest.approx(10, rel=1e-3)  # 20 blocks vs 2
+    assert runs["small"]["flips"] > 0 and runs["10x_flips"]["flips"] > 5 * runs["small"]["flips"]
+    assert all(r["traced_bytes"] > 0 for r in runs.values())
 
 
 def _check_smoke(out):

@@ -138,3 +138,10 @@ def test_the_checks_would_catch_a_step_back_and_a_cycle(tmp_path):
     assert g["cwa_core.experiment"] == {"cwa_core.cell"}  # the TYPE_CHECKING import does not count
     assert [b for a, bs in g.items() for b in bs if room(b) < room(a)] == ["cwa_core.cell"]
     assert cycles(g) == [["cwa_core.cell", "cwa_core.experiment"]]
+
+
+def test_the_campaign_runner_is_science(graph):
+    """cwa_core.campaign (issue 17) applies interventions and evaluates: the science room, below the
+    cell that runs its trials; it imports only science and vocabulary."""
+    assert ROOMS[room("cwa_core.campaign")][0] == "science"
+    assert graph["cwa_core.campaign"] and all(room(b) >= room("cwa_core.campaign") for b in graph["cwa_core.campaign"])
