@@ -309,25 +309,26 @@ def _value(u_arm: float, u_ref: float, u: np.ndarray, level_name: str) -> dict:
     return out
 
 
-_EFFECT = {"error_rate": "multiplies the tolerated error rate by",
-           "quant_bits": "lowers the tolerated bit width (bits) by",
-           "sparsity": "raises the tolerated sparsity by"}
+_QUANTITY = {"error_rate": ("L({a}) / L({r})", "the factor by which it multiplies the tolerated error rate"),
+             "quant_bits": ("L({r}) - L({a})", "the bits per weight it saves at the tolerated level"),
+             "sparsity": ("L({a}) - L({r})", "the sparsity it adds to the tolerated level")}
 
 
 def _text(h: Mapping[str, Any]) -> str:
     """The headline in words: its value or bound, its interval, and what L means."""
     arm, ref = (schema.ARM_LABELS.get(a, a) for a in (h["arm"], h["reference"]))
+    formula, meaning = _QUANTITY[h["level_name"]]
+    formula = formula.format(a=arm, r=ref)
     if h["value"] is not None:
-        effect = f"{_EFFECT[h['level_name']]} {h['value']:.3g}"
+        effect = f"{formula} = {h['value']:.3g}, {meaning}"
     elif h["bound"] is not None:
-        effect = f"{_EFFECT[h['level_name']]} {'at least' if h['bound'][0] == '>' else 'at most'} " \
-                 f"{h['bound_value']:.3g} (censored: a tolerated level lies outside the tested range)"
+        effect = f"{formula} {h['bound']} ({meaning}; censored: a tolerated level lies outside the tested range)"
     else:
-        effect = "cannot be bounded: both tolerated levels lie beyond the same end of the tested range"
+        effect = f"{formula} cannot be bounded: both tolerated levels lie beyond the same end of the tested range"
     lo, hi = h["interval"]
     scale = "log10 of the level" if h["scale"] == "log10" else "the level"
     return (f"At a failure rate of {h['target']:.0%} (failure: perplexity ratio > {h['fail_ratio']:g} or "
-            f"non-finite), protecting the {arm} weights instead of the {ref} weights {effect}; "
+            f"non-finite), protecting the {arm} weights instead of the {ref} weights: {effect}; "
             f"{h['confidence']:.0%} paired-bootstrap interval {lo:.3g} to {hi:.3g}. "
-            f"Tolerated {h['level_name']}: the level at which an arm's failure rate first reaches "
+            f"L(arm), the tolerated {h['level_name']}, is the level at which the arm's failure rate first reaches "
             f"{h['target']:.0%} going harsher, interpolated linearly in {scale} between tested levels.")
