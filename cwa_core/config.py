@@ -23,15 +23,16 @@ from .data import BOS_LAYOUTS, PROTOCOLS
 from .demo import BUILTIN
 from .metrics import METRICS
 from .perturb import PERTURBATIONS
+from .prune import GROUPS as PRUNE_GROUPS, check_sparsity
+from .quantize import check_bits, parse_group
 from .selection import MODES
 from .superweights import SuperWeightOptions
 
-from .schema import ARMS, CAMPAIGNS, CAMPAIGN_SETTINGS, LEVEL_NAMES
+from .schema import ARM_KINDS, CAMPAIGNS, CAMPAIGN_SETTINGS, LEVEL_NAMES
 from .schema import CONTROL_KINDS as CONTROLS  # the selections that are controls, in their one order
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 SECTIONS = ("model", "data", "scoring", "perturbation", "super weights", "campaign", "output")
-PRUNE_GROUPS = ("row", "layer", "global")
 # The shared work a setting decides (cwa_core.sweep.plan): the loaded model; the data split (tokenized
 # corpora, windows: it also decides every pass below); the baseline evaluation; a scoring pass; a
 # super-weight study (its settings also key the scoring pass that ranks its candidates); or only the
@@ -154,19 +155,26 @@ def _rates(v: tuple) -> str | None:
     return _once(v) if ok else f"must be error rates per bit in [0, 1], got {list(v)!r}"
 
 
-def _quant_bits(v: tuple) -> str | None:
-    ok = len(v) > 0 and all(_is_int(b) and 2 <= b <= 8 for b in v)
-    return _once(v) if ok else f"must be integers in 2..8, got {list(v)!r}"
+def _problem(check: Callable[[Any], Any], v: object) -> str | None:
+    """What ``check`` (a science module's own check, raising ValueError "<setting>: <problem>") says of ``v``."""
+    try:
+        check(v)
+    except ValueError as e:
+        return str(e).split(": ", 1)[-1]
+    return None
 
 
-def _sparsities(v: tuple) -> str | None:
-    ok = len(v) > 0 and all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x < 1 for x in v)
-    return _once(v) if ok else f"must be numbers in [0, 1), got {list(v)!r}"
+def _each(check: Callable[[Any], Any]) -> Check:
+    """A list setting's check: at least one value, each passing ``check``, none twice."""
+    def run(v: tuple) -> str | None:
+        if len(v) == 0:
+            return "at least one value"
+        return next((p for x in v if (p := _problem(check, x))), None) or _once(v)
+    return run
 
 
 def _quant_group(v: object) -> str | None:
-    ok = v in ("tensor", "row") or (isinstance(v, str) and v.isdigit() and int(v) > 0)
-    return None if ok else f"unknown {v!r}; allowed: tensor, row or a positive integer (weights per group)"
+    return _problem(parse_group, v) if isinstance(v, str) else f"expected text (tensor, row or a number), got {v!r}"
 
 
 def _fail_ratio(v: object) -> str | None:
@@ -272,7 +280,7 @@ class ExperimentConfig:
                             help="bit_errors, quantize or prune the whole model with each --protect set left "
                                  "intact (none: Phase 1 only)")
     protect: tuple[str, ...] = setting(("none", "top_k", "random_k"), section="campaign", passes=("cell",),
-                                       choices=lambda: list(ARMS), check=_arms,
+                                       choices=lambda: list(ARM_KINDS), check=_arms,
                                        help="comma-separated arms: the sets left intact (top_k/random_k/bottom_k: "
                                             "--metric, --mode, --topk; super_weights: the detected candidates)")
     error_rate: tuple[float, ...] = setting((1e-6,), section="campaign", passes=("cell",), check=_rates,
@@ -281,11 +289,11 @@ class ExperimentConfig:
                           help="bit_errors: independent draws per seed and rate (every arm sees each draw)")
     bits: str = setting("all", section="campaign", passes=("cell",), choices=lambda: list(BIT_CLASSES),
                         help="bit_errors: which stored bits may flip")
-    quant_bits: tuple[int, ...] = setting((8, 4, 3), section="campaign", passes=("cell",), check=_quant_bits,
+    quant_bits: tuple[int, ...] = setting((8, 4, 3), section="campaign", passes=("cell",), check=_each(check_bits),
                                           help="quantize: comma-separated bit widths (round to nearest, symmetric)")
     quant_group: str = setting("row", section="campaign", passes=("cell",), check=_quant_group,
                                help="quantize: weights sharing a scale: tensor, row, or N consecutive inputs")
-    sparsity: tuple[float, ...] = setting((0.5,), section="campaign", passes=("cell",), check=_sparsities,
+    sparsity: tuple[float, ...] = setting((0.5,), section="campaign", passes=("cell",), check=_each(check_sparsity),
                                           help="prune: comma-separated shares of weights zeroed")
     prune_group: str = setting("row", section="campaign", passes=("cell",), choices=lambda: list(PRUNE_GROUPS),
                                help="prune: where the lowest scores are compared: each output row (Wanda), "

@@ -98,9 +98,9 @@ def selection_kind(name: str) -> SelectionKind:
 
 # --------------------------------------------------------------------------- Phase 2 campaigns
 
-# An intervention on the whole model (issue 17), its arms (the sets left intact) and its level.
+# An intervention on the whole model (issue 17) and its level; its arms (the sets left intact) are
+# ARMS above.
 CAMPAIGNS = ("bit_errors", "quantize", "prune")
-ARMS = ("none", "top_k", "random_k", "bottom_k", "super_weights")  # the one order of the protected sets
 LEVEL_NAMES = {"bit_errors": "error_rate", "quantize": "quant_bits", "prune": "sparsity"}
 HARSHER = {"bit_errors": 1, "quantize": -1, "prune": 1}  # the direction of a harsher level
 # the settings of a campaign (cwa_core.config's "campaign" section): they never change a Phase 1 number
