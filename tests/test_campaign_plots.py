@@ -161,7 +161,7 @@ def test_degenerate_campaigns_still_draw(tmp_path, monkeypatch, case):
         assert "inf (overflow)" in texts[1] and "inf (overflow): median or quantile" in texts[2]
         assert pc.failure_curves(camp)["top_k"]["failure_rate"].tolist() == [1.0] * 4
     if case == "all_nan":
-        assert "NaN x" in texts[1] and "all trials NaN: no protection at 1e-7" in texts[2]
+        assert "NaN x" in texts[1] and "every trial NaN (not drawn): no protection at every level; top-K" in texts[2]
     if case == "rate_zero":
         assert "error rate 0 not drawn (log axis)" in texts[0]
         assert pc.failure_curves(camp)["none"]["levels"].tolist() == [0.0, 1e-6, 1e-5]  # the data keep it
