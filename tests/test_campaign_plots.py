@@ -136,13 +136,24 @@ def test_the_ratio_figure_draws_every_trial_inf_in_a_band_and_counts_nan(tmp_pat
     assert ax.get_yscale() == "log" and ax.get_ylim()[1] > 2.0
 
 
-def test_a_campaign_without_summary_is_summarized_for_the_figures(tmp_path):
+def test_a_campaign_without_summary_is_summarized_for_the_figures(tmp_path, monkeypatch):
+    figs = capture_figures(monkeypatch)
     full, bare = make_campaign(kind="quantize"), make_campaign(kind="quantize", summary=False)
-    assert "summary" not in bare
+    assert "summary" not in bare and "headline" not in bare
     a, b = pc.failure_curves(full), pc.failure_curves(bare)
     assert all(np.array_equal(a[k]["failure_rate"], b[k]["failure_rate"]) for k in ARMS)
     for f in FIGS:
         assert_real_png(f(bare, tmp_path / f"{f.__name__}.png"))
+    assert "L(random-K) - L(top-K)" in figure_texts(figs[0])  # the headline, computed too
+
+
+def test_tick_labels_write_levels_as_given(tmp_path, monkeypatch):
+    figs = capture_figures(monkeypatch)
+    camp = make_campaign(levels=(2.5e-6, 1e-5, 1.2e-4), trials=2)
+    pc.plot_campaign_failure_rate(camp, tmp_path / "f.png")
+    pc.plot_campaign_ratios(camp, tmp_path / "r.png")
+    for fig in figs:
+        assert [t.get_text() for t in _axes(fig).get_xticklabels()] == ["2.5e-6", "1e-5", "1.2e-4"]
 
 
 @pytest.mark.parametrize("case", ["one_level", "all_inf", "all_nan", "one_trial", "rate_zero"])

@@ -48,6 +48,7 @@ class _Campaign:
     arms: list[str]
     summary: list[Mapping[str, Any]]
     trials: list[Mapping[str, Any]]
+    headline: Mapping[str, Any]
 
     @property
     def settings(self) -> Mapping[str, Any]:
@@ -68,12 +69,12 @@ def _read(campaign: Mapping[str, Any] | None, who: str) -> _Campaign:
     trials = list(campaign.get("trials") or [])
     names = {s["arm"] for s in campaign.get("summary") or []} | {r["arm"] for r in trials}
     arms = [a for a in schema.ARM_KINDS if a in names] + sorted(names.difference(schema.ARM_KINDS))
-    summary = campaign.get("summary")
-    if not summary:
+    stats = {k: campaign.get(k) for k in ("summary", "headline")}
+    if not stats["summary"]:
         settings = campaign.get("settings") or {}
-        summary = summarize(trials, fail_ratio=float(settings.get("fail_ratio", 2.0)), level_name=level_name,
-                            harsher=harsher, arms=arms)["summary"]
-    return _Campaign(campaign, level_name, harsher, arms, list(summary), trials)
+        stats = summarize(trials, fail_ratio=float(settings.get("fail_ratio", 2.0)), level_name=level_name,
+                          harsher=harsher, arms=arms)
+    return _Campaign(campaign, level_name, harsher, arms, list(stats["summary"]), trials, stats["headline"] or {})
 
 
 def _curve(c: _Campaign, arm: str, keys: Sequence[str]) -> dict[str, np.ndarray]:
@@ -126,9 +127,11 @@ def _marker(arm: str) -> str:
 
 
 def _level_text(level_name: str, v: float) -> str:
-    if level_name == "quant_bits":
-        return f"{v:g}"
-    return f"{v:.0e}".replace("e-0", "e-") if level_name == "error_rate" and v > 0 else f"{v:g}"
+    """A level as a tick label: error rates as 1e-7, 2.5e-6, 1.2e-4; bits and sparsity as 4, 0.5."""
+    if level_name != "error_rate" or not 0 < v < math.inf:
+        return f"{v:.3g}"
+    mantissa, exponent = f"{v:.2e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
 
 
 def _subtitle(c: _Campaign) -> str:
@@ -184,7 +187,7 @@ def _legend(ax: Any, handles: list[Any], x: float = 1.01) -> None:
 
 def _headline_note(c: _Campaign, width: int = 110) -> str:
     """The headline in words (wrapped), or why there is none."""
-    h = c.data.get("headline") or {}
+    h = c.headline
     if not h:
         return ""
     text = h.get("text") if h.get("available") else f"headline not available: {h.get('why', '?')}"
@@ -237,7 +240,7 @@ def plot_campaign_failure_rate(campaign: Mapping[str, Any], path: str | Path) ->
     c = _read(campaign, "plot_campaign_failure_rate")
     curves = {a: _curve(c, a, ("failure_rate", "failure_lo", "failure_hi")) for a in c.arms}
     levels, note = _drawable_levels(c)
-    h = c.data.get("headline") or {}
+    h = c.headline
     target = float(h.get("target", 0.5))
     with _figure(figsize=(8.0, 4.8)) as (fig, ax):
         for i, arm in enumerate(c.arms):
