@@ -246,6 +246,11 @@ def _headline(cells: Mapping, raw: Mapping[float, Any], *, level_name: str, hars
     where both arms are censored the same way is undetermined and counted at both ends (lo as
     -inf, hi as +inf), which can only widen the interval. Unavailable: an arm missing, or fewer than
     two common levels.
+
+    Keys: available, arm, reference, level_name, scale, unit, target, fail_ratio, confidence, value
+    (None unless both levels are points), censored, bound (">= x", "<= x" or None) and bound_value,
+    interval [lo, hi], bootstrap {replicates, seed, undetermined}, tolerated {arm: {level, censored,
+    bound, bound_level, levels (mildest first), failure_rate, n_units}}, text; or available False and why.
     """
     if not any(a == arm for a, _ in cells) or not any(a == reference for a, _ in cells):
         return {"available": False, "why": f"the arms {arm} and {reference} are both needed; "
