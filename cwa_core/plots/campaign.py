@@ -296,7 +296,8 @@ def _draw_group(ax: Any, x: float, w: float, r: np.ndarray, s: Mapping[str, Any]
     if n_nan:
         ax.annotate(f"{NAN_LABEL} x{n_nan}", xy=(x, 0), xycoords=("data", "axes fraction"), xytext=(0, 3),
                     textcoords="offset points", ha="center", va="bottom", rotation=90, fontsize=8,
-                    color=color, fontweight="bold", zorder=6)
+                    color=color, fontweight="bold", zorder=6,
+                    bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none", "alpha": 0.85})
 
 
 def plot_campaign_ratios(campaign: Mapping[str, Any], path: str | Path) -> Path:
