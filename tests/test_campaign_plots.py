@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from matplotlib.collections import PathCollection
 
-from cwa_core import plots
+from cwa_core import plots, schema
 from cwa_core.campaign_stats import summarize
 from cwa_core.plots import campaign as pc
 from cwa_core.registry import Registry
@@ -96,6 +96,10 @@ def test_the_failure_figure_draws_summarize_failure_rates_and_the_headline(tmp_p
         line = _line(figs[0], f"failure:{arm}")
         assert line.get_xdata().tolist() == [1e-7, 1e-6, 1e-5, 1e-4]
         assert line.get_ydata().tolist() == [s["failure_rate"] for s in mine]
+        (bars,) = [b for b in _axes(figs[0]).containers if b.get_label() == pc._label(arm)]
+        segments = bars.lines[2][0].get_segments()  # the Wilson bars: [(x, lo), (x, hi)] per level
+        drawn = np.array([(seg[0][1], seg[1][1]) for seg in segments])
+        assert np.allclose(drawn, [(s["failure_lo"], s["failure_hi"]) for s in mine], rtol=0, atol=1e-12)
     h = camp["headline"]
     assert h["available"] and h["value"] is not None
     text = figure_texts(figs[0])
@@ -203,3 +207,11 @@ def test_the_registry_draws_the_campaign_figures_only_with_a_campaign(tmp_path, 
     assert failed == {} and [p.name for p in paths] == [f"{n}.png" for n in names]
     for p in paths:
         assert_real_png(p)
+
+
+def test_the_arms_share_the_selections_look_and_have_their_own():
+    assert schema.ARM_KINDS == ("none", "top_k", "random_k", "bottom_k", "super_weights")  # the contract's order
+    for kind in schema.SELECTION_KINDS:
+        assert (schema.ARM_LABELS[kind], schema.ARM_COLORS[kind], schema.ARM_MARKERS[kind]) == (
+            schema.SELECTION_LABELS[kind], schema.SELECTION_COLORS[kind], schema.SELECTION_MARKERS[kind])
+    assert len(set(schema.ARM_COLORS.values())) == len(set(schema.ARM_MARKERS.values())) == 5
