@@ -53,19 +53,20 @@ def mcnemar_exact(b: int, c: int) -> float:
 
 
 def quantile(values: Iterable[float], q: float) -> float:
-    """numpy's default (linear, Hyndman & Fan type 7) ``q``-quantile of ``values`` where +inf is an
-    ordinary largest value (numpy returns NaN between two infs): inf as soon as the interpolation
-    touches an inf with positive weight. NaN when there is no value."""
+    """numpy's default (linear, Hyndman & Fan type 7) ``q``-quantile of finite or +inf ``values``,
+    +inf being an ordinary largest value (numpy returns NaN between two infs): inf as soon as the
+    interpolation gives an inf positive weight. NaN when there is no value; NaN or -inf raise."""
     x = np.sort(np.asarray(list(values), dtype=np.float64))
+    if np.isnan(x).any() or np.isneginf(x).any():
+        raise ValueError("quantile: values must be finite or +inf (leave NaN out before, count them apart)")
     if x.size == 0:
         return math.nan
     h = (x.size - 1) * q
-    lo, hi = math.floor(h), math.ceil(h)
-    frac = h - lo
-    a, b = float(x[lo]), float(x[hi])
-    if math.isinf(a) or (math.isinf(b) and frac > 0):
-        return a if math.isinf(a) and frac == 0 else math.inf
-    return a if frac == 0 else (1 - frac) * a + frac * b
+    lo, frac = math.floor(h), h - math.floor(h)
+    a, b = float(x[lo]), float(x[math.ceil(h)])
+    if frac == 0:
+        return a
+    return math.inf if math.isinf(b) else (1 - frac) * a + frac * b
 
 
 def trial_ratio(row: Mapping[str, Any]) -> float:
@@ -78,8 +79,8 @@ def trial_failed(row: Mapping[str, Any], fail_ratio: float) -> bool:
     """Whether a trial failed: ratio > ``fail_ratio``, or ratio, perplexity or status not finite."""
     r = trial_ratio(row)
     ppl = schema.number(row.get("ppl", 0.0))
-    return not math.isfinite(r) or r > fail_ratio or not math.isfinite(ppl) or row.get("status",
-                                                                                      "finite") != "finite"
+    status = row.get("status", "finite")
+    return not math.isfinite(r) or r > fail_ratio or not math.isfinite(ppl) or status != "finite"
 
 
 def _check_confidence(confidence: float) -> None:
@@ -213,10 +214,11 @@ def _bootstrap_curves(units: list[tuple[np.ndarray, np.ndarray]], replicates: in
     return arm, ref
 
 
-def _tolerated(name: str, u_cross: float, u: np.ndarray, levels: np.ndarray, rates: np.ndarray,
+def _tolerated(name: str, u_cross: float, u: np.ndarray, levels: np.ndarray, given: list, rates: np.ndarray,
                n: list[int], level_name: str, harsher: int) -> dict:
-    """One arm's tolerated level: a point, or a bound when its curve does not cross in range."""
-    out = {"arm": name, "levels": levels.tolist(), "failure_rate": rates.tolist(), "n_units": n,
+    """One arm's tolerated level: a point, or a bound when its curve does not cross in range;
+    ``given``: the levels as the rows gave them (bits stay integers), mildest first."""
+    out = {"arm": name, "levels": given, "failure_rate": rates.tolist(), "n_units": n,
            "level": None, "censored": bool(math.isinf(u_cross)), "bound": None, "bound_level": None}
     if not out["censored"]:
         out["level"] = float(10 ** (u_cross / harsher) if SCALES[level_name] == "log10" else u_cross / harsher)
@@ -244,6 +246,11 @@ def _headline(cells: Mapping, raw: Mapping[float, Any], *, level_name: str, hars
     where both arms are censored the same way is undetermined and counted at both ends (lo as
     -inf, hi as +inf), which can only widen the interval. Unavailable: an arm missing, or fewer than
     two common levels.
+
+    Keys: available, arm, reference, level_name, scale, unit, target, fail_ratio, confidence, value
+    (None unless both levels are points), censored, bound (">= x", "<= x" or None) and bound_value,
+    interval [lo, hi], bootstrap {replicates, seed, undetermined}, tolerated {arm: {level, censored,
+    bound, bound_level, levels (mildest first), failure_rate, n_units}}, text; or available False and why.
     """
     if not any(a == arm for a, _ in cells) or not any(a == reference for a, _ in cells):
         return {"available": False, "why": f"the arms {arm} and {reference} are both needed; "
@@ -273,7 +280,8 @@ def _headline(cells: Mapping, raw: Mapping[float, Any], *, level_name: str, hars
     lo = float(np.percentile(np.where(undetermined, -np.inf, d), tail, method="inverted_cdf"))
     hi = float(np.percentile(np.where(undetermined, np.inf, d), 100 - tail, method="inverted_cdf"))
     n = [int(fa.size) for fa, _ in units]
-    tolerated = {a: _tolerated(a, point[a], u, levels, rates[a], n, level_name, harsher)
+    tolerated = {a: _tolerated(a, point[a], u, levels, [raw[float(v)] for v in levels], rates[a], n,
+                               level_name, harsher)
                  for a in (arm, reference)}
     out = {"available": True, "arm": arm, "reference": reference, "level_name": level_name,
            "scale": SCALES[level_name], "unit": UNITS[level_name], "target": target, "fail_ratio": fail_ratio,

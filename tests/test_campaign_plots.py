@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from matplotlib.collections import PathCollection
 
-from cwa_core import plots
+from cwa_core import plots, schema
 from cwa_core.campaign_stats import summarize
 from cwa_core.plots import campaign as pc
 from cwa_core.registry import Registry
@@ -96,6 +96,10 @@ def test_the_failure_figure_draws_summarize_failure_rates_and_the_headline(tmp_p
         line = _line(figs[0], f"failure:{arm}")
         assert line.get_xdata().tolist() == [1e-7, 1e-6, 1e-5, 1e-4]
         assert line.get_ydata().tolist() == [s["failure_rate"] for s in mine]
+        (bars,) = [b for b in _axes(figs[0]).containers if b.get_label() == pc._label(arm)]
+        segments = bars.lines[2][0].get_segments()  # the Wilson bars: [(x, lo), (x, hi)] per level
+        drawn = np.array([(seg[0][1], seg[1][1]) for seg in segments])
+        assert np.allclose(drawn, [(s["failure_lo"], s["failure_hi"]) for s in mine], rtol=0, atol=1e-12)
     h = camp["headline"]
     assert h["available"] and h["value"] is not None
     text = figure_texts(figs[0])
@@ -136,13 +140,24 @@ def test_the_ratio_figure_draws_every_trial_inf_in_a_band_and_counts_nan(tmp_pat
     assert ax.get_yscale() == "log" and ax.get_ylim()[1] > 2.0
 
 
-def test_a_campaign_without_summary_is_summarized_for_the_figures(tmp_path):
+def test_a_campaign_without_summary_is_summarized_for_the_figures(tmp_path, monkeypatch):
+    figs = capture_figures(monkeypatch)
     full, bare = make_campaign(kind="quantize"), make_campaign(kind="quantize", summary=False)
-    assert "summary" not in bare
+    assert "summary" not in bare and "headline" not in bare
     a, b = pc.failure_curves(full), pc.failure_curves(bare)
     assert all(np.array_equal(a[k]["failure_rate"], b[k]["failure_rate"]) for k in ARMS)
     for f in FIGS:
         assert_real_png(f(bare, tmp_path / f"{f.__name__}.png"))
+    assert "L(random-K) - L(top-K)" in figure_texts(figs[0])  # the headline, computed too
+
+
+def test_tick_labels_write_levels_as_given(tmp_path, monkeypatch):
+    figs = capture_figures(monkeypatch)
+    camp = make_campaign(levels=(2.5e-6, 1e-5, 1.2e-4), trials=2)
+    pc.plot_campaign_failure_rate(camp, tmp_path / "f.png")
+    pc.plot_campaign_ratios(camp, tmp_path / "r.png")
+    for fig in figs:
+        assert [t.get_text() for t in _axes(fig).get_xticklabels()] == ["2.5e-6", "1e-5", "1.2e-4"]
 
 
 @pytest.mark.parametrize("case", ["one_level", "all_inf", "all_nan", "one_trial", "rate_zero"])
@@ -161,7 +176,7 @@ def test_degenerate_campaigns_still_draw(tmp_path, monkeypatch, case):
         assert "inf (overflow)" in texts[1] and "inf (overflow): median or quantile" in texts[2]
         assert pc.failure_curves(camp)["top_k"]["failure_rate"].tolist() == [1.0] * 4
     if case == "all_nan":
-        assert "NaN x" in texts[1] and "all trials NaN: no protection at 1e-7" in texts[2]
+        assert "NaN x" in texts[1] and "every trial NaN (not drawn): no protection at every level; top-K" in texts[2]
     if case == "rate_zero":
         assert "error rate 0 not drawn (log axis)" in texts[0]
         assert pc.failure_curves(camp)["none"]["levels"].tolist() == [0.0, 1e-6, 1e-5]  # the data keep it
@@ -192,3 +207,11 @@ def test_the_registry_draws_the_campaign_figures_only_with_a_campaign(tmp_path, 
     assert failed == {} and [p.name for p in paths] == [f"{n}.png" for n in names]
     for p in paths:
         assert_real_png(p)
+
+
+def test_the_arms_share_the_selections_look_and_have_their_own():
+    assert schema.ARM_KINDS == ("none", "top_k", "random_k", "bottom_k", "super_weights")  # the contract's order
+    for kind in schema.SELECTION_KINDS:
+        assert (schema.ARM_LABELS[kind], schema.ARM_COLORS[kind], schema.ARM_MARKERS[kind]) == (
+            schema.SELECTION_LABELS[kind], schema.SELECTION_COLORS[kind], schema.SELECTION_MARKERS[kind])
+    assert len(set(schema.ARM_COLORS.values())) == len(set(schema.ARM_MARKERS.values())) == 5

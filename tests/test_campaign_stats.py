@@ -115,6 +115,10 @@ def test_quantile_is_numpys_linear_rule_and_keeps_inf():
     assert cs.quantile([1.0, 2.0, math.inf], 0.75) == math.inf
     assert cs.quantile([math.inf, math.inf], 0.5) == math.inf  # numpy gives NaN here
     assert cs.quantile([2.0, 2.0, 2.0], 0.3) == 2.0
+    assert cs.quantile([1.0, math.inf], 0.0) == 1.0 and cs.quantile([1.0, math.inf], 1e-9) == math.inf
+    for bad in ([1.0, math.nan], [-math.inf, 1.0]):
+        with pytest.raises(ValueError, match="quantile"):
+            cs.quantile(bad, 0.5)
 
 
 # ----------------------------------------------------------------------------- summary

@@ -27,7 +27,9 @@ from matplotlib.transforms import offset_copy
 from .. import schema
 from ..campaign_stats import summarize, trial_ratio
 from . import style
-from .style import _OKABE_ITO, NAN_LABEL, _figure, _fmt, _note_below, _seeds_caption, _sorted_seeds
+from .style import (
+    _OKABE_ITO, NAN_LABEL, _center_message, _figure, _fmt, _note_below, _seeds_caption, _sorted_seeds,
+)
 
 CAMPAIGN_TITLES = {"bit_errors": "Bit errors", "quantize": "RTN quantization", "prune": "Pruning"}
 LEVEL_LABELS = {"error_rate": "bit error rate (per stored bit)", "quant_bits": "quantization bits per weight",
@@ -46,6 +48,7 @@ class _Campaign:
     arms: list[str]
     summary: list[Mapping[str, Any]]
     trials: list[Mapping[str, Any]]
+    headline: Mapping[str, Any]
 
     @property
     def settings(self) -> Mapping[str, Any]:
@@ -66,12 +69,12 @@ def _read(campaign: Mapping[str, Any] | None, who: str) -> _Campaign:
     trials = list(campaign.get("trials") or [])
     names = {s["arm"] for s in campaign.get("summary") or []} | {r["arm"] for r in trials}
     arms = [a for a in schema.ARM_KINDS if a in names] + sorted(names.difference(schema.ARM_KINDS))
-    summary = campaign.get("summary")
-    if not summary:
+    stats = {k: campaign.get(k) for k in ("summary", "headline")}
+    if not stats["summary"]:
         settings = campaign.get("settings") or {}
-        summary = summarize(trials, fail_ratio=float(settings.get("fail_ratio", 2.0)), level_name=level_name,
-                            harsher=harsher, arms=arms)["summary"]
-    return _Campaign(campaign, level_name, harsher, arms, list(summary), trials)
+        stats = summarize(trials, fail_ratio=float(settings.get("fail_ratio", 2.0)), level_name=level_name,
+                          harsher=harsher, arms=arms)
+    return _Campaign(campaign, level_name, harsher, arms, list(stats["summary"]), trials, stats["headline"] or {})
 
 
 def _curve(c: _Campaign, arm: str, keys: Sequence[str]) -> dict[str, np.ndarray]:
@@ -124,9 +127,11 @@ def _marker(arm: str) -> str:
 
 
 def _level_text(level_name: str, v: float) -> str:
-    if level_name == "quant_bits":
-        return f"{v:g}"
-    return f"{v:.0e}".replace("e-0", "e-") if level_name == "error_rate" and v > 0 else f"{v:g}"
+    """A level as a tick label: error rates as 1e-7, 2.5e-6, 1.2e-4; bits and sparsity as 4, 0.5."""
+    if level_name != "error_rate" or not 0 < v < math.inf:
+        return f"{v:.3g}"
+    mantissa, exponent = f"{v:.2e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
 
 
 def _subtitle(c: _Campaign) -> str:
@@ -182,7 +187,7 @@ def _legend(ax: Any, handles: list[Any], x: float = 1.01) -> None:
 
 def _headline_note(c: _Campaign, width: int = 110) -> str:
     """The headline in words (wrapped), or why there is none."""
-    h = c.data.get("headline") or {}
+    h = c.headline
     if not h:
         return ""
     text = h.get("text") if h.get("available") else f"headline not available: {h.get('why', '?')}"
@@ -197,10 +202,10 @@ def _ratio_axis(ax: Any, values: np.ndarray, fail_ratio: float) -> float:
     bottom = (min(float(fin.min()), 1.0) if fin.size else 1.0) / 1.4
     top = max(float(fin.max()) if fin.size else 1.0, fail_ratio) * 1.6
     ax.set_yscale("log")
-    y_inf = top * math.sqrt(3.0)
+    y_inf = top * 1.4  # the inf markers low in the band, its label above them
     if np.isposinf(values).any():
         ax.axhspan(top, top * 3.0, facecolor="0.93", edgecolor="0.6", hatch=_INF_HATCH, linewidth=0, zorder=0)
-        ax.text(0.01, y_inf, INF_LABEL, transform=ax.get_yaxis_transform(), ha="left", va="center", fontsize=9,
+        ax.text(0.01, top * 2.35, INF_LABEL, transform=ax.get_yaxis_transform(), ha="left", va="center", fontsize=9,
                 zorder=6, bbox={"boxstyle": "round,pad=0.2", "facecolor": "white", "edgecolor": "none"})
         top *= 3.0
     ax.set_ylim(bottom, top)
@@ -235,7 +240,7 @@ def plot_campaign_failure_rate(campaign: Mapping[str, Any], path: str | Path) ->
     c = _read(campaign, "plot_campaign_failure_rate")
     curves = {a: _curve(c, a, ("failure_rate", "failure_lo", "failure_hi")) for a in c.arms}
     levels, note = _drawable_levels(c)
-    h = c.data.get("headline") or {}
+    h = c.headline
     target = float(h.get("target", 0.5))
     with _figure(figsize=(8.0, 4.8)) as (fig, ax):
         for i, arm in enumerate(c.arms):
@@ -291,7 +296,8 @@ def _draw_group(ax: Any, x: float, w: float, r: np.ndarray, s: Mapping[str, Any]
     if n_nan:
         ax.annotate(f"{NAN_LABEL} x{n_nan}", xy=(x, 0), xycoords=("data", "axes fraction"), xytext=(0, 3),
                     textcoords="offset points", ha="center", va="bottom", rotation=90, fontsize=8,
-                    color=color, fontweight="bold", zorder=6)
+                    color=color, fontweight="bold", zorder=6,
+                    bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none", "alpha": 0.85})
 
 
 def plot_campaign_ratios(campaign: Mapping[str, Any], path: str | Path) -> Path:
@@ -333,41 +339,54 @@ def plot_campaign_ratios(campaign: Mapping[str, Any], path: str | Path) -> Path:
         return style._save(fig, path)
 
 
+def _draw_level_curve(ax: Any, c: _Campaign, arm: str, cur: Mapping[str, np.ndarray], levels: Sequence[float],
+                      y_inf: float) -> str:
+    """One arm's median line and 25-75% band (inf drawn at ``y_inf``); returns a note naming the
+    levels where every trial was NaN (nothing to draw there), or ""."""
+    shown = np.isin(cur["levels"], levels)
+    keep = shown & ~np.isnan(cur["median_ratio"])
+    x = cur["levels"][keep]
+    m, lo, hi = (np.where(np.isposinf(cur[k][keep]), y_inf, cur[k][keep]) for k in ("median_ratio", "q25", "q75"))
+    ax.plot(x, m, color=_color(arm), marker=_marker(arm), markersize=6, linewidth=1.8, label=_label(arm),
+            gid=f"median:{arm}", zorder=3)
+    if x.size > 1:
+        ax.fill_between(x, lo, hi, color=_color(arm), alpha=0.15, linewidth=0, zorder=2)
+    elif x.size:
+        ax.errorbar(x, m, yerr=[m - lo, hi - m], color=_color(arm), capsize=4, linewidth=1.2, zorder=2)
+    nan = cur["levels"][shown & np.isnan(cur["median_ratio"])]
+    if not nan.size:
+        return ""
+    where = "every level" if nan.size == shown.sum() else ", ".join(_level_text(c.level_name, v) for v in nan)
+    return f"{_label(arm)} at {where}"
+
+
 def plot_campaign_levels(campaign: Mapping[str, Any], path: str | Path) -> Path:
     """Median perplexity ratio against level per arm with its 25-75% band (error bars when there is
     one level), a perplexity axis on the right when the baseline is known; inf medians or quantiles
-    drawn in the hatched inf band, an all-NaN level left out and noted."""
+    drawn in the hatched inf band, a level where every trial was NaN left out and noted."""
     c = _read(campaign, "plot_campaign_levels")
     curves = {a: _curve(c, a, ("median_ratio", "q25", "q75")) for a in c.arms}
     levels, note = _drawable_levels(c)
     fail = _fail_ratio(c)
     allv = np.concatenate([np.concatenate([v["median_ratio"], v["q25"], v["q75"]]) for v in curves.values()])
-    nan_levels = []
+    base = schema.number(c.data.get("baseline_ppl"))
     with _figure(figsize=(8.0, 4.8)) as (fig, ax):
         y_inf = _ratio_axis(ax, allv, fail)
-        for i, arm in enumerate(c.arms):
-            cur = curves[arm]
-            keep = np.isin(cur["levels"], levels) & ~np.isnan(cur["median_ratio"])
-            nan_levels += [f"{_label(arm)} at {_level_text(c.level_name, v)}"
-                           for v in cur["levels"][np.isin(cur["levels"], levels) & np.isnan(cur["median_ratio"])]]
-            x = cur["levels"][keep]
-            m, lo, hi = (np.where(np.isposinf(cur[k][keep]), y_inf, cur[k][keep]) for k in ("median_ratio", "q25", "q75"))
-            ax.plot(x, m, color=_color(arm), marker=_marker(arm), markersize=6, linewidth=1.8, label=_label(arm),
-                    gid=f"median:{arm}", zorder=3)
-            if x.size > 1:
-                ax.fill_between(x, lo, hi, color=_color(arm), alpha=0.15, linewidth=0, zorder=2)
-            else:
-                ax.errorbar(x, m, yerr=[m - lo, hi - m], color=_color(arm), capsize=4, linewidth=1.2, zorder=2)
-        base = schema.number(c.data.get("baseline_ppl"))
+        nan_notes = [n for n in (_draw_level_curve(ax, c, a, curves[a], levels, y_inf) for a in c.arms) if n]
+        if not np.any(~np.isnan(allv)):
+            _center_message(ax, f"no ratio to draw: every trial {NAN_LABEL}")
         if math.isfinite(base) and base > 0:
             sec = ax.secondary_yaxis("right", functions=(lambda r: r * base, lambda p: p / base))
             sec.set_ylabel(f"perplexity (baseline {_fmt(base)})")
+            sec.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            sec.yaxis.set_minor_formatter(NullFormatter())
         if levels:
             _level_axis(ax, c, levels)
         _legend(ax, [*ax.get_legend_handles_labels()[0], Patch(facecolor="0.6", alpha=0.3, label="25-75% of trials"),
                      *_ratio_handles(fail, f"{INF_LABEL}: median or quantile" if np.isposinf(allv).any() else None)],
                 x=1.13 if math.isfinite(base) and base > 0 else 1.01)
-        notes = [n for n in (note, f"all trials {NAN_LABEL}: " + ", ".join(nan_levels) if nan_levels else "") if n]
+        nan_note = textwrap.fill(f"every trial {NAN_LABEL} (not drawn): " + "; ".join(nan_notes), 110) if nan_notes else ""
+        notes = [n for n in (note, nan_note) if n]
         if notes:
             _note_below(ax, "\n".join(notes))
         ax.set_title(f"{_title(c, 'median perplexity ratio per protected set')}\n{_subtitle(c)}")
