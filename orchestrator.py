@@ -253,7 +253,19 @@ def _summary(result, manifest: dict, out_dir: str) -> None:
     if result.stability:
         j = result.stability["jaccard"]
         print(f"  top-K Jaccard across seeds: mean {j['mean']:.3f} (min {j['min']:.3f}, max {j['max']:.3f})")
+    if result.campaign:
+        _campaign_summary(result.campaign)
     print(f"wrote {len(manifest['files'])} files to {out_dir} in {manifest['timings_s']['total']:.1f} s")
+
+
+def _campaign_summary(c: dict) -> None:
+    """Per level, each arm's failure rate [Wilson interval] and median ratio; then the headline."""
+    print(f"campaign {c['campaign']} (failure: ratio > {c['settings']['fail_ratio']:g} or not finite)")
+    for s in c["summary"]:
+        print(f"  {c['level_name']} {s['level']:<8g} {s['arm']:13s} failed {s['failures']}/{s['n']} "
+              f"[{s['failure_lo']:.2f}, {s['failure_hi']:.2f}]  median ratio {s['median_ratio']:.4g}")
+    head = c.get("headline") or {}
+    print("  " + (head.get("text") or f"headline: {head.get('why', 'not available')}"))
 
 
 def main(argv: list[str] | None = None) -> int:
