@@ -38,7 +38,6 @@ CAMPAIGNS = ("bit_errors", "quantize", "prune")
 ARMS = ("none", "top_k", "random_k", "bottom_k", "super_weights")
 LEVEL_NAMES = {"bit_errors": "error_rate", "quantize": "quant_bits", "prune": "sparsity"}
 HARSHER = {"bit_errors": +1, "quantize": -1, "prune": +1}  # +1: a larger level is harsher
-_SELECTED_ARMS = ("top_k", "random_k", "bottom_k")  # the Phase-1 selections of a seed's scoring
 
 
 @dataclass(frozen=True)
