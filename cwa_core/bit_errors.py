@@ -100,11 +100,14 @@ def xor_masks(flat: torch.Tensor, index: np.ndarray, masks: np.ndarray) -> None:
     if index.size == 0:
         return
     iv = int_view(flat)
-    width = iv.element_size() * 8
-    if width < 64:  # as the signed integers of the view (int64 masks are signed already)
-        masks = np.where(masks >= 1 << (width - 1), masks - (1 << width), masks)
     idx = torch.from_numpy(index).to(iv.device)
-    iv[idx] = iv[idx] ^ torch.from_numpy(masks).to(device=iv.device, dtype=iv.dtype)
+    iv[idx] = iv[idx] ^ torch.from_numpy(signed(masks, iv.element_size() * 8)).to(device=iv.device, dtype=iv.dtype)
+
+
+def signed(masks: np.ndarray, width: int) -> np.ndarray:
+    """int64 XOR masks of ``width``-bit words as the signed integers of that width's view (a mask
+    with the top bit set is negative there); int64 masks are signed already."""
+    return masks if width >= 64 else np.where(masks >= 1 << (width - 1), masks - (1 << width), masks)
 
 
 def apply(flat: torch.Tensor, errors: BitErrors) -> None:

@@ -38,7 +38,6 @@ CAMPAIGNS = ("bit_errors", "quantize", "prune")
 ARMS = ("none", "top_k", "random_k", "bottom_k", "super_weights")
 LEVEL_NAMES = {"bit_errors": "error_rate", "quantize": "quant_bits", "prune": "sparsity"}
 HARSHER = {"bit_errors": +1, "quantize": -1, "prune": +1}  # +1: a larger level is harsher
-_SELECTED_ARMS = ("top_k", "random_k", "bottom_k")  # the Phase-1 selections of a seed's scoring
 
 
 @dataclass(frozen=True)
@@ -228,24 +227,32 @@ def _per_ref(index: np.ndarray, offsets: np.ndarray) -> Iterator[tuple[int, slic
 @contextlib.contextmanager
 def _flipped(refs: Sequence[ParamRef], draw: be.BitErrors, ids: np.ndarray) -> Iterator[Applied]:
     """XOR the draw's flips outside ``ids``; the same XOR again restores them, checked against the
-    flipped weights' saved bits. O(flips) memory."""
+    flipped weights' saved bits. O(flips) memory; the flips go to each device in one transfer."""
     arm = draw.outside(ids)
     index, masks = be.combined(arm)  # one mask per flipped weight
     offsets = tensor_offsets(refs).numpy()
-    done: list[tuple[torch.Tensor, np.ndarray, np.ndarray, torch.Tensor]] = []
+    touched = list(_per_ref(index, offsets))
+    local = np.concatenate([index[sl] - offsets[i] for i, sl in touched] or [np.empty(0, np.int64)])
+    words = np.concatenate([be.signed(masks[sl], 8 * refs[i].param.element_size()) for i, sl in touched]
+                           or [np.empty(0, np.int64)])
+    sent = {d: (torch.from_numpy(local).to(d), torch.from_numpy(words).to(d))
+            for d in {refs[i].param.device for i, _ in touched}}
+    done: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
     try:
-        for i, sl in _per_ref(index, offsets):
-            flat = _flat(refs[i])
-            local = index[sl] - offsets[i]
-            before = int_view(flat)[torch.from_numpy(local).to(flat.device)]
-            be.xor_masks(flat, local, masks[sl])
-            done.append((flat, local, masks[sl], before))
+        pos = 0
+        for i, sl in touched:
+            iv = int_view(_flat(refs[i]))
+            on = sent[iv.device]
+            idx, m = on[0][pos:pos + sl.stop - sl.start], on[1][pos:pos + sl.stop - sl.start].to(iv.dtype)
+            pos += sl.stop - sl.start
+            before = iv[idx]
+            iv[idx] = before ^ m
+            done.append((iv, idx, m, before))
         yield Applied(len(arm), len(draw) - len(arm))
     finally:
-        for flat, local, m, _ in reversed(done):
-            be.xor_masks(flat, local, m)
-        _check([(int_view(flat)[torch.from_numpy(local).to(flat.device)], before)
-                for flat, local, _, before in done], "flipped")
+        for iv, idx, m, _ in reversed(done):
+            iv[idx] = iv[idx] ^ m
+        _check([(iv[idx], before) for iv, idx, _, before in done], "flipped")
 
 
 @contextlib.contextmanager

@@ -255,12 +255,16 @@ def test_the_real_260k_model_is_restored_bit_for_bit(assets):
     assert np.array_equal(bits_of(refs), before) and perplexity(model, windows).ppl == base
 
 
-def test_a_restore_that_does_not_hold_raises_a_leak_error(monkeypatch):
+def test_a_restore_that_does_not_hold_raises_a_leak_error():
+    """Something writes to a changed weight while the arm is applied: the restore cannot hold."""
     model, refs, _, protected = setup()
     d = cp.draw_errors(refs, 1e-3, cp.draw_rng(0, 0, 1e-3))
-    with pytest.raises(PerturbationLeakError, match="do not hold their original bits"):
+    offsets = tensor_offsets(refs).tolist()
+    with pytest.raises(PerturbationLeakError, match="1 of .* flipped weights do not hold their original bits"):
         with cp.applied(refs, cp.CampaignSpec("bit_errors"), protected["top_k"], 1e-3, draw=d):
-            monkeypatch.setattr(cp.be, "xor_masks", lambda flat, index, masks: None)  # the restoring XOR is lost
+            gid = int(d.outside(protected["top_k"]).index[0])
+            t = int(np.searchsorted(offsets, gid, side="right") - 1)
+            refs[t].param.data.view(-1)[gid - offsets[t]] = 1234.5
 
 
 def test_same_seed_trial_rate_gives_the_same_draw_and_ppl_in_another_process():
@@ -419,3 +423,33 @@ def test_quantize_and_prune_refuse_bad_levels_and_missing_scores():
     assert np.array_equal(bits_of(refs), before)
     rows = cp.run_trial(model, refs, windows, cp.CampaignSpec("quantize"), none, level=8.0, seed=0, trial=0)
     assert rows[0]["level"] == 8 and rows[0]["changed"] > 0  # 8 bits read back from JSON as 8.0; not identity
+
+
+def test_the_model_wide_draw_is_uniform_over_the_tensors():
+    """Flips per tensor over many draws against numel x bits (chi-square), fp32 and fp16 refs mixed."""
+    from scipy.stats import chisquare
+
+    model, refs, _, _ = setup()
+    with torch.no_grad():
+        refs[0].param.data = refs[0].param.data.half()  # one fp16 group beside the fp32 one
+    per_bit = np.asarray([r.numel * 8 * r.param.element_size() for r in refs], dtype=float)
+    offsets = tensor_offsets(refs).numpy()
+    counts = np.zeros(len(refs))
+    for trial in range(300):
+        d = cp.draw_errors(refs, 2e-4, cp.draw_rng(0, trial, 2e-4))
+        counts += np.bincount(np.searchsorted(offsets, d.index, side="right") - 1, minlength=len(refs))
+    assert counts.sum() == pytest.approx(per_bit.sum() * 2e-4 * 300, rel=0.05)
+    assert chisquare(counts, per_bit / per_bit.sum() * counts.sum()).pvalue > 1e-3
+
+
+def test_an_error_inside_an_arm_still_restores_the_weights():
+    model, refs, _, protected = setup()
+    before = bits_of(refs)
+    for spec, kw in [(cp.CampaignSpec("bit_errors"), {"draw": cp.draw_errors(refs, 1e-2, cp.draw_rng(0, 0, 1e-2))}),
+                     (cp.CampaignSpec("quantize"), {}), (cp.CampaignSpec("prune"), {"scores": _scores(refs)})]:
+        with pytest.raises(KeyboardInterrupt):
+            level = {"bit_errors": 1e-2, "quantize": 3, "prune": 0.5}[spec.campaign]
+            with cp.applied(refs, spec, protected["top_k"], level, **kw):
+                assert not np.array_equal(bits_of(refs), before)
+                raise KeyboardInterrupt
+        assert np.array_equal(bits_of(refs), before), spec.campaign
