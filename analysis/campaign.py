@@ -17,8 +17,8 @@ import math
 
 import pandas as pd
 
-from .common import num, value
-from .load import CAMPAIGN_SETTINGS, ResultSet
+from .common import value
+from .load import ResultSet
 
 # a cell's keys on every Phase 2 row: those of the Phase 1 tables, then the campaign's own
 CELL_KEYS = ("cell", "protocol", "model", "model_name", "metric", "k", "mode", "variant")
@@ -150,9 +150,13 @@ def _super_weight_effect(rs: ResultSet) -> dict[tuple, dict]:
     return out
 
 
-def _pair_row(base: str, inst: str, names: dict, protocol, setting: str, quantity: str, b, i, note: str = "") -> dict:
-    bv, iv = value(b), value(i)
-    return {"base": base, "instruct": inst, "base_name": names[base], "instruct_name": names[inst], "protocol": protocol,
+def _pair_row(pair: tuple[str, str], names: dict, where: dict, quantity: str, b, i, note: str = "") -> dict:
+    """One row of the pairs table: ``where`` holds the matched settings (protocol, metric, K, ...)."""
+    (base, inst), bv, iv = pair, value(b), value(i)
+    keys = {k: where.get(k) for k in ("protocol", "metric", "k", "mode", "perturbation", "campaign", "variant")}
+    setting = " ".join(str(x) for x in (keys["metric"], keys["k"] and f"K={keys['k']}", keys["mode"],
+                                        keys["perturbation"] or keys["campaign"]) if x) or "-"
+    return {"base": base, "instruct": inst, "base_name": names[base], "instruct_name": names[inst], **keys,
             "setting": setting, "quantity": quantity, "base_value": bv, "instruct_value": iv,
             "difference": iv - bv if math.isfinite(bv) and math.isfinite(iv) else math.nan, "note": note}
 
@@ -176,30 +180,28 @@ def pairs_table(rs: ResultSet, ratios: list[dict], headlines: list[dict]) -> lis
     names = dict(zip(rs.cells["model"].astype(str), rs.cells["model_name"]))
     sw = _super_weight_effect(rs)
     rows = []
-    for base, inst in pairs:
-        by_key = {}
+    for pair in pairs:
+        by_key: dict[tuple, dict] = {}
         for r in ratios:
-            if r["model"] in (base, inst) and r["selection"] in ("top_k", "random_k"):
+            if r["model"] in pair and r["selection"] in ("top_k", "random_k"):
                 by_key.setdefault((*(r[c] for c in PAIR_SETTING), r["selection"]), {})[r["model"]] = r["geomean"]
         for (*key, sel), v in sorted(by_key.items(), key=lambda kv: str(kv[0])):
             if len(v) == 2:
-                setting = f"{key[1]} K={key[2]} {key[3]} {key[4]} ({key[5]})"
-                rows.append(_pair_row(base, inst, names, key[0], setting, f"phase 1 {sel} ratio (geometric mean)",
-                                      v[base], v[inst]))
+                rows.append(_pair_row(pair, names, dict(zip(PAIR_SETTING, key)), f"phase 1 {sel} ratio",
+                                      v[pair[0]], v[pair[1]]))
         for (model, proto), b in sw.items():
-            i = sw.get((inst, proto)) if model == base else None
-            if i is not None:
-                for q in ("ratio_zeroed", "ratio_random"):
-                    rows.append(_pair_row(base, inst, names, proto, f"{b.get('n')} vs {i.get('n')} candidates",
-                                          f"super weights: {q}", b.get(q), i.get(q)))
+            i = sw.get((pair[1], proto)) if model == pair[0] else None
+            for q in ("ratio_zeroed", "ratio_random") if i is not None else ():
+                rows.append(_pair_row(pair, names, {"protocol": proto}, f"super weights {q}", b.get(q), i.get(q),
+                                      f"{b.get('n')} vs {i.get('n')} candidates"))
         heads: dict[tuple, dict] = {}
         for h in headlines:
-            if h["model"] in (base, inst):
+            if h["model"] in pair:
                 heads.setdefault(tuple(h[c] for c in HEAD_SETTING), {}).setdefault(h["model"], h)
         for key, hs in sorted(heads.items(), key=lambda kv: str(kv[0])):
             if len(hs) == 2:
-                (bv, bn), (iv, inn) = _headline_value(hs[base]), _headline_value(hs[inst])
+                (bv, bn), (iv, inn) = (_headline_value(hs[m]) for m in pair)
                 note = "; ".join(f"{who} {n}" for who, n in (("base", bn), ("instruct", inn)) if n)
-                rows.append(_pair_row(base, inst, names, key[0], f"{key[1]} K={key[2]} {key[3]} ({key[4]})",
-                                      f"{key[5]} headline ({hs[base]['level_name']})", bv, iv, note))
+                rows.append(_pair_row(pair, names, dict(zip(HEAD_SETTING, key)),
+                                      f"{key[5]} headline ({hs[pair[0]]['level_name']})", bv, iv, note))
     return rows
