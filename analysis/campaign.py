@@ -76,10 +76,11 @@ def campaign_tables(rs: ResultSet) -> tuple[dict, dict[str, pd.DataFrame]]:
 # --------------------------------------------------------------------------- headline in words
 
 def _g(x: float) -> str:
-    """A number as the headline prints it: 2 significant digits, a rate in e-notation."""
-    if math.isinf(x):
-        return "inf" if x > 0 else "-inf"
-    return f"{x:.2g}"
+    """A number as the headline prints it: 2 significant digits, plain between 0.01 and 10^4
+    (100, 8.1, 0.12), else in e-notation (1e-06)."""
+    if not math.isfinite(x):
+        return "nan" if math.isnan(x) else "inf" if x > 0 else "-inf"
+    return f"{float(f'{x:.2g}'):g}" if x == 0 or 0.01 <= abs(x) < 1e4 else f"{x:.2g}"
 
 
 def headline_sentence(h: dict) -> str:
@@ -95,7 +96,7 @@ def headline_sentence(h: dict) -> str:
     v, lo, hi = value(h["value"]), value(h["lo"]), value(h["hi"])
     iv = "" if math.isnan(lo) or math.isnan(hi) else f" [{_g(lo)}, {_g(hi)}]"
     word = LEVEL_WORDS.get(h["level_name"], h["level_name"])
-    unit = "x" if h["level_name"] == "error_rate" else ""
+    unit = ("x" if math.isfinite(v) else " x") if h["level_name"] == "error_rate" else ""
     if h["censored"]:
         side = {">=": "at least", "<=": "at most"}.get(h.get("bound"), h.get("bound") or "about")
         amount = f"{side} {_g(v)}{unit}"

@@ -22,10 +22,10 @@ LEVELS = {"bit_errors": (1e-7, 1e-6, 1e-5, 1e-4), "quantize": (8, 4, 3), "prune"
 
 
 def _default_fail(levels, harsher: int) -> Callable[[str, float], float]:
-    """Failure rate per arm and level (0, 0.2, 0.8, 1 from the mildest level on): top_k and
-    super_weights one level later than the others."""
+    """Failure rate per arm and level (0, 0.2, 0.8, 1 from the mildest level on): none one level
+    earlier, top_k and super_weights one level later than random_k and bottom_k."""
     order = sorted(levels, reverse=harsher < 0)
-    shift = {"none": 0, "random_k": 0, "bottom_k": 0, "top_k": 1, "super_weights": 1}
+    shift = {"none": -1, "random_k": 0, "bottom_k": 0, "top_k": 1, "super_weights": 1}
 
     def fail(arm: str, level: float) -> float:
         i = order.index(level) - shift.get(arm, 0)
@@ -72,12 +72,13 @@ def _rows(c: SynthCampaign) -> tuple[list[dict], list[dict], list[dict]]:
                 trials.append({"arm": arm, "level": level, "seed": seed, "trial": trial,
                                "n_protected": 0 if arm == "none" else c.n_protected, "changed": 3, "drawn": 3,
                                "protected_hits": 0, "ppl": 20.0 * ratio, "nll": 3.0,
-                               "status": "finite" if ratio < float("inf") else "inf", "ppl_ratio": ratio,
+                               "status": "nan" if ratio != ratio else "inf" if ratio == float("inf") else "finite",
+                               "ppl_ratio": ratio,
                                "seconds": 0.01})
             summary.append({"arm": arm, "level": level, "n": n, "median_ratio": med if k < n / 2 else c.fail_value,
                             "q05": med, "q25": med, "q75": med if k < n / 4 else c.fail_value, "q95": c.fail_value,
                             "failures": k, "failure_rate": k / n, "failure_lo": max(0.0, k / n - 0.1),
-                            "failure_hi": min(1.0, k / n + 0.1), "nonfinite": k if c.fail_value == float("inf") else 0})
+                            "failure_hi": min(1.0, k / n + 0.1), "nonfinite": k if not c.fail_value < float("inf") else 0})
             if arm != "random_k" and "random_k" in c.arms:
                 paired.append({"level": level, "arm": arm, "reference": "random_k", "n_pairs": n,
                                "arm_only_fail": 0, "reference_only_fail": 2, "p_value": c.p,
