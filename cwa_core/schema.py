@@ -73,6 +73,18 @@ SELECTION_COLORS = {s.name: s.color for s in SELECTIONS}
 SELECTION_MARKERS = {s.name: s.marker for s in SELECTIONS}
 BASELINE = "baseline"  # the unperturbed model's rows in window_nll.parquet (seed -1)
 
+# The arms (protected sets) of issue 17's campaigns, in their one order: no protection, the three
+# selections above (same label, colour and marker), the detected super weights.
+ARMS: tuple[SelectionKind, ...] = (
+    SelectionKind("none", "no protection", "#000000", "D", True, "nothing protected"),
+    *SELECTIONS,
+    SelectionKind("super_weights", "super weights", "#CC79A7", "*", False, "the detected super-weight candidates"),
+)
+ARM_KINDS = tuple(a.name for a in ARMS)
+ARM_LABELS = {a.name: a.label for a in ARMS}
+ARM_COLORS = {a.name: a.color for a in ARMS}
+ARM_MARKERS = {a.name: a.marker for a in ARMS}
+
 
 def selection_kind(name: str) -> SelectionKind:
     """The :class:`SelectionKind` called ``name``; an unknown name raises, listing the known ones."""

@@ -19,8 +19,8 @@ ROOMS = [
     ("cell", r"cwa_core\.(cell|preflight|outputs|superweight_plots)$"),
     ("experiment", r"cwa_core\.experiment$"),
     ("settings", r"cwa_core\.config$"),
-    ("science", r"cwa_core(\.(?!schema$|numerics$).*)?$"),
-    ("vocabulary", r"cwa_core\.(schema|numerics)$"),
+    ("science", r"cwa_core(\.(?!schema$|numerics$|campaign_stats$).*)?$"),
+    ("vocabulary", r"cwa_core\.(schema|numerics|campaign_stats)$"),  # torch-free: the analysis reads them
 ]
 
 
@@ -119,7 +119,12 @@ def test_no_import_cycles(graph):
 
 def test_analysis_reads_only_the_vocabulary_of_cwa_core(graph):
     used = {b for a, bs in graph.items() if a.startswith("analysis") for b in bs if b.startswith("cwa_core")}
-    assert used and used <= {"cwa_core.schema", "cwa_core.numerics", "cwa_core"}
+    assert used and used <= {"cwa_core.schema", "cwa_core.numerics", "cwa_core.campaign_stats", "cwa_core"}
+
+
+def test_campaign_stats_sits_in_the_vocabulary_room_and_imports_no_science(graph):
+    assert ROOMS[room("cwa_core.campaign_stats")][0] == "vocabulary"
+    assert graph["cwa_core.campaign_stats"] <= {"cwa_core.schema", "cwa_core.numerics"}
 
 
 def test_the_checks_would_catch_a_step_back_and_a_cycle(tmp_path):

@@ -12,23 +12,27 @@ import pytest
 from cwa_core import plots
 from cwa_core.plots import style as plot_style
 from cwa_core.registry import Registry
+from test_campaign_plots import make_campaign
 from test_plots import assert_real_png, capture_figures, figure_texts, make_perturbation, make_samples, make_stats, \
     make_stability
 
 # the file names written before the registry (PLOT_FILES[0..4], by position): they must not change
 NAMES_BEFORE = ("sensitivity_distribution.png", "layer_comparison.png", "sensitivity_heatmap.png",
                 "perturbation_effects.png", "stability_analysis.png")
+CAMPAIGN_FIGURES = ("campaign_failure_rate", "campaign_ratios", "campaign_levels")  # issue 17, needs a campaign
 
 
 def _inputs(seeds=(0, 1), stability=True) -> plots.ExperimentInputs:
     return plots.ExperimentInputs([make_samples(s) for s in seeds], [make_stats(s) for s in seeds], list(seeds),
-                                  make_perturbation(seeds=seeds), make_stability() if stability else None, "m")
+                                  make_perturbation(seeds=seeds), make_stability() if stability else None, "m",
+                                  make_campaign(seeds=seeds))
 
 
 def test_the_registry_holds_todays_figures_under_todays_names():
-    assert plots.PLOT_FILES == NAMES_BEFORE
-    assert tuple(plots.FIGURES.get(n).file for n in plots.FIGURES.names()) == NAMES_BEFORE
-    assert [n for n in plots.FIGURES.names() if plots.FIGURES.get(n).needs] == ["stability_analysis"]
+    assert plots.PLOT_FILES == NAMES_BEFORE + tuple(f"{n}.png" for n in CAMPAIGN_FIGURES)
+    assert tuple(plots.FIGURES.get(n).file for n in plots.FIGURES.names()) == plots.PLOT_FILES
+    assert [n for n in plots.FIGURES.names() if plots.FIGURES.get(n).needs] == ["stability_analysis",
+                                                                               *CAMPAIGN_FIGURES]
     with pytest.raises(ValueError, match="duplicate experiment figure name 'layer_comparison'"):
         plots.FIGURES.add("layer_comparison", plots.FIGURES.get("layer_comparison"))
     with pytest.raises(KeyError, match="allowed: sensitivity_distribution, layer_comparison"):

@@ -23,7 +23,8 @@ global apart from selecting the Agg backend.
 
 Layout: :mod:`.style` (palette, rc style, figure context, PNG writer, shared helpers), one
 module per figure (:mod:`.distribution`, :mod:`.layers`, :mod:`.heatmap`,
-:mod:`.perturbation`, :mod:`.stability`), and here the registry :data:`FIGURES` (one entry
+:mod:`.perturbation`, :mod:`.stability`; :mod:`.campaign` the three figures of a protection
+campaign), and here the registry :data:`FIGURES` (one entry
 per figure: its name, which is its file's stem, and how it is drawn from the experiment's
 inputs), :data:`PLOT_FILES` derived from it and :func:`save_experiment_plots`. The entries
 call the figure functions through this module's names (so that a test can replace one).
@@ -41,6 +42,7 @@ import numpy as np
 
 from . import style  # noqa: F401  first: selects the Agg backend before any pyplot import
 from ..registry import Registry
+from .campaign import plot_campaign_failure_rate, plot_campaign_levels, plot_campaign_ratios
 from .distribution import plot_sensitivity_distribution
 from .heatmap import heatmap_matrix, plot_sensitivity_heatmap
 from .layers import plot_layer_comparison
@@ -58,6 +60,9 @@ __all__ = [
     "ExperimentInputs",
     "heatmap_matrix",
     "layer_label",
+    "plot_campaign_failure_rate",
+    "plot_campaign_levels",
+    "plot_campaign_ratios",
     "plot_layer_comparison",
     "plot_perturbation_effects",
     "plot_sensitivity_distribution",
@@ -77,6 +82,7 @@ class ExperimentInputs:
     perturbation: Mapping[str, Any]
     stability: Mapping[str, Any] | None
     metric: str
+    campaign: Mapping[str, Any] | None = None  # the content of campaign_results.json (issue 17)
 
 
 @dataclass(frozen=True)
@@ -131,6 +137,21 @@ def _stability(x: ExperimentInputs, path: Path) -> Path:
     return plot_stability(x.stability, path)
 
 
+@_figure("campaign_failure_rate", needs="campaign")
+def _campaign_failure_rate(x: ExperimentInputs, path: Path) -> Path:
+    return plot_campaign_failure_rate(x.campaign, path)
+
+
+@_figure("campaign_ratios", needs="campaign")
+def _campaign_ratios(x: ExperimentInputs, path: Path) -> Path:
+    return plot_campaign_ratios(x.campaign, path)
+
+
+@_figure("campaign_levels", needs="campaign")
+def _campaign_levels(x: ExperimentInputs, path: Path) -> Path:
+    return plot_campaign_levels(x.campaign, path)
+
+
 #: File names written by :func:`save_experiment_plots`, in order (from :data:`FIGURES`).
 PLOT_FILES: tuple[str, ...] = tuple(FIGURES.get(n).file for n in FIGURES.names())
 
@@ -144,23 +165,24 @@ def save_experiment_plots(
     perturbation: Mapping[str, Any],
     stability: Mapping[str, Any] | None = None,
     metric: str | None = None,
+    campaign: Mapping[str, Any] | None = None,
 ) -> tuple[list[Path], dict[str, str]]:
     """Write every figure of :data:`FIGURES` into ``out_dir / "plots"``, each on its own.
 
     ``samples_per_seed[i]`` is :func:`cwa_core.outputs.weighted_samples` of seed ``seeds[i]``,
     ``stats_per_seed[i]`` element ``i`` of ``per_seed`` in ``sensitivity_stats.json``;
     ``perturbation`` the content of ``perturbation_results.json``; ``stability``
-    (optional) that of ``stability.json``. The metric name defaults to the one recorded in
+    (optional) that of ``stability.json``, ``campaign`` (optional) that of ``campaign_results.json``. The metric name defaults to the one recorded in
     ``perturbation`` (or ``stability``). A figure that raises is skipped with a warning and
     the others are still drawn. Returns ``(paths, failed)``: the written paths in the order of
-    :data:`PLOT_FILES` (the stability figure only when given), and for every figure that
+    :data:`PLOT_FILES` (the stability and campaign figures only when given), and for every figure that
     raised its file name -> "ExceptionType: message" (one line).
     """
     metric = (metric or (perturbation or {}).get("metric")
               or (stability or {}).get("metric") or "score")
     plots = Path(out_dir) / "plots"
     plots.mkdir(parents=True, exist_ok=True)
-    inputs = ExperimentInputs(samples_per_seed, stats_per_seed, seeds, perturbation, stability, metric)
+    inputs = ExperimentInputs(samples_per_seed, stats_per_seed, seeds, perturbation, stability, metric, campaign)
     paths: list[Path] = []
     failed: dict[str, str] = {}
     for name in FIGURES.names():
