@@ -42,14 +42,16 @@ def _flat(row: dict) -> dict:
 
 
 def headline_numbers(h: dict | None) -> dict:
-    """The headline's numbers as the report prints them: ``available``, ``value``, ``lo``, ``hi``
-    (floats; NaN where absent), ``censored`` and ``bound`` (">=" or "<=" when only bounded),
-    ``why`` (when not available)."""
+    """The numbers of a headline as :func:`cwa_core.campaign_stats.summarize` stores it, as the
+    report prints them: ``available``, ``value`` (the point, or the bound's value when censored;
+    NaN when neither), ``lo``, ``hi`` (its interval; NaN where absent), ``censored``, ``bound``
+    (">=" or "<=" when only bounded), ``why`` (when not available)."""
     h = h or {"available": False, "why": "no headline in campaign_results.json"}
     iv = h.get("interval") or [None, None]
+    censored = bool(h.get("censored", False))
     return {"available": bool(h.get("available", True)), "why": h.get("why"),
-            "value": value(h.get("value")), "lo": value(iv[0]), "hi": value(iv[1]),
-            "censored": bool(h.get("censored", False)), "bound": h.get("bound")}
+            "value": value(h.get("bound_value") if censored else h.get("value")), "lo": value(iv[0]),
+            "hi": value(iv[1]), "censored": censored, "bound": str(h.get("bound") or "").partition(" ")[0] or None}
 
 
 def campaign_tables(rs: ResultSet) -> tuple[dict, dict[str, pd.DataFrame]]:
@@ -97,9 +99,11 @@ def headline_sentence(h: dict) -> str:
     iv = "" if math.isnan(lo) or math.isnan(hi) else f" [{_g(lo)}, {_g(hi)}]"
     word = LEVEL_WORDS.get(h["level_name"], h["level_name"])
     unit = ("x" if math.isfinite(v) else " x") if h["level_name"] == "error_rate" else ""
+    if h["censored"] and h.get("bound") is None:
+        return (f"{who}: the {h['campaign']} headline cannot be bounded (both tolerated levels lie beyond the same end "
+                f"of the tested range) {fail}").rstrip()
     if h["censored"]:
-        side = {">=": "at least", "<=": "at most"}.get(h.get("bound"), h.get("bound") or "about")
-        amount = f"{side} {_g(v)}{unit}"
+        amount = f"{ {'>=': 'at least', '<=': 'at most'}[h['bound']]} {_g(v)}{unit}{iv}"
     else:
         amount = f"{_g(v)}{unit}{iv}"
     at = f"at a {target:.0%} failure rate {fail}".rstrip()
@@ -167,7 +171,7 @@ def _headline_value(h: dict) -> tuple[float, str]:
     if not h["available"]:
         return math.nan, f"unavailable ({h['why']})"
     if h["censored"]:
-        return math.nan, f"{h.get('bound') or 'bounded'} {_g(value(h['value']))}"
+        return math.nan, f"{h['bound']} {_g(value(h['value']))}" if h.get("bound") else "not bounded"
     return value(h["value"]), ""
 
 

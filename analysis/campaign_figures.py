@@ -12,15 +12,11 @@ from typing import Callable
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
-from cwa_core.schema import SELECTION_COLORS, SELECTION_MARKERS
+from cwa_core.schema import ARM_COLORS, ARM_KINDS, ARM_LABELS, ARM_MARKERS
 
 from .common import value
 
 CAMPAIGNS = ("bit_errors", "quantize", "prune")  # issue 17's campaigns, in the report's order
-ARM_ORDER = ("none", "top_k", "random_k", "bottom_k", "super_weights")
-# the selections keep their Phase 1 colour and marker; the two arms that are no selection:
-ARM_STYLE = {"none": ("#000000", "D"), "super_weights": ("#CC79A7", "*"),
-             **{s: (SELECTION_COLORS[s], SELECTION_MARKERS[s]) for s in SELECTION_COLORS}}
 _PLAIN = FuncFormatter(lambda v, _: f"{v:g}")
 CELL_LINES = ["-", "--", ":", "-."]  # line style: the model's cells (metric, K, mode)
 AXIS = {"error_rate": "bit error rate per stored bit (log; harsher to the right)",
@@ -48,7 +44,7 @@ def _series(rows: list[dict]) -> dict[tuple, list[dict]]:
     """(cell label, arm) -> its rows by ascending level; cells in (metric, K, mode, cell) order."""
     out: dict[tuple, list[dict]] = {}
     for r in sorted(rows, key=lambda r: (r["metric"], r["k"], r["mode"], r["cell"],
-                                         ARM_ORDER.index(r["arm"]) if r["arm"] in ARM_ORDER else 9, value(r["level"]))):
+                                         ARM_KINDS.index(r["arm"]) if r["arm"] in ARM_KINDS else 9, value(r["level"]))):
         out.setdefault((f"{r['metric']} K={r['k']} {r['mode']}", r["cell"], r["arm"]), []).append(r)
     return out
 
@@ -75,9 +71,9 @@ def _draw(a: dict, campaign: str, y_of: Callable, ylabel: str, what: str) -> tup
         series = _series([r for r in rows if r["model_name"] == model])
         cells = list(dict.fromkeys(key[1] for key in series))
         for (label, cell, arm), pts in series.items():
-            color, marker = ARM_STYLE.get(arm, ("0.5", "o"))
-            style = {"color": color, "marker": marker, "ls": CELL_LINES[cells.index(cell) % len(CELL_LINES)], "ms": 5,
-                     "label": arm + (f" ({label})" if len(cells) > 1 else "")}
+            style = {"color": ARM_COLORS.get(arm, "0.5"), "marker": ARM_MARKERS.get(arm, "o"), "ms": 5,
+                     "ls": CELL_LINES[cells.index(cell) % len(CELL_LINES)],
+                     "label": ARM_LABELS.get(arm, arm) + (f" ({label})" if len(cells) > 1 else "")}
             y_of(ax, pts, style)
         _level_axis(ax, level_name, [value(r["level"]) for r in rows])
         ax.set_ylabel(ylabel, fontsize=8)

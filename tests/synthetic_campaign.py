@@ -3,7 +3,8 @@ a ``campaign_results.json`` in the contract's format, with planted numbers (fail
 median-ratio curves per arm, paired p-values, a headline), for the analysis tests and the report.
 
 The stored "summary", "paired" and "headline" are planted, not computed: the analysis reads them
-as they are, so the tests know every number it must show. The trials agree with the summary's
+as they are, so the tests know every number it must show (``summarized=True`` computes them with
+:func:`cwa_core.campaign_stats.summarize` instead, as a real campaign cell stores them). The trials agree with the summary's
 counts: at each level the first ``failures`` trials of an arm fail (ratio ``fail_value``), the
 rest sit at the planted median.
 """
@@ -50,9 +51,10 @@ class SynthCampaign:
     fail: Callable[[str, float], float] | None = None
     median: Callable[[str, float], float] = lambda arm, level: 1.1
     p: float = 0.25
+    summarized: bool = False  # True: "summary", "paired", "headline" from cwa_core.campaign_stats.summarize
     headline: dict | None = field(default_factory=lambda: {
-        "available": True, "value": 10.0, "interval": [3.0, 30.0], "censored": False, "target": 0.5,
-        "arm": "top_k", "reference": "random_k"})
+        "available": True, "value": 10.0, "interval": [3.0, 30.0], "censored": False, "bound": None,
+        "bound_value": None, "target": 0.5, "arm": "top_k", "reference": "random_k"})
 
     def level_list(self) -> tuple:
         return self.levels if self.levels is not None else LEVELS[self.campaign]
@@ -98,7 +100,12 @@ def campaign_results(c: SynthCampaign, cell: SynthCell) -> dict:
            "settings": settings, "model": cell.model.name, "baseline_ppl": cell.baseline_ppl, "dtype": cell.dtype,
            "n_weights": 262144, "arms": {a: {"n_protected": 0 if a == "none" else c.n_protected} for a in c.arms},
            "trials": trials, "summary": summary, "paired": paired}
-    if c.headline is not None:
+    if c.summarized:
+        from cwa_core.campaign_stats import summarize
+
+        out.update(summarize(trials, fail_ratio=c.fail_ratio, level_name=level_name, harsher=HARSHER[c.campaign],
+                             arms=list(c.arms)))
+    elif c.headline is not None:
         out["headline"] = c.headline
     return out
 

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from matplotlib.figure import Figure
 
-from analysis.campaign import INSTRUCT_TOKENS, headline_sentence, instruct_base, model_pairs
+from analysis.campaign import INSTRUCT_TOKENS, headline_numbers, headline_sentence, instruct_base, model_pairs
 from analysis.campaign_figures import CAMPAIGN_FIGURES, campaign_figures_for
 from analysis.common import clean
 from analysis.compare import CompareOptions
@@ -22,6 +22,8 @@ from analysis.figures import FIGURES, figures_for
 from analysis.load import _variant
 from analysis.report import SECTIONS, write_report
 from analysis.report_phase2 import campaign_rows, phase2_sections
+from cwa_core.campaign_stats import summarize
+from cwa_core.schema import ARM_LABELS
 from synthetic_campaign import SynthCampaign, campaign_results, write_campaign_cell
 from synthetic_results import SynthCell, SynthModel, write_cell
 
@@ -166,6 +168,50 @@ def test_headline_sentence(change, want):
     assert headline_sentence({**HEAD, **change}) == want
 
 
+def test_headline_numbers_read_what_campaign_stats_stores():
+    """summarize()'s headline: a point with its interval; a censored one holds its bound in
+    "bound" (">= 12.3") and "bound_value", its "value" None; one bounded neither way has neither."""
+    assert headline_numbers({"available": True, "value": 8.0, "interval": [2.0, math.inf], "censored": False,
+                             "bound": None, "bound_value": None}) == {
+        "available": True, "why": None, "value": 8.0, "lo": 2.0, "hi": math.inf, "censored": False, "bound": None}
+    h = headline_numbers({"available": True, "value": None, "interval": [1.5, math.inf], "censored": True,
+                          "bound": ">= 12.3", "bound_value": 12.3})
+    assert (h["value"], h["bound"], h["censored"]) == (12.3, ">=", True)
+    h = headline_numbers({"available": True, "value": None, "interval": [-math.inf, math.inf], "censored": True,
+                          "bound": None, "bound_value": None})
+    assert math.isnan(h["value"]) and h["bound"] is None
+    assert headline_sentence({**HEAD, **h}) == ("protecting the top-K=64 magnitude weights (per_layer) of Llama-3.1-8B: "
+                                                "the bit_errors headline cannot be bounded (both tolerated levels lie "
+                                                "beyond the same end of the tested range) (fail: ratio > 2 or "
+                                                "non-finite)")
+    h = headline_numbers({"available": False, "why": "0 error_rate level(s) with paired trials"})
+    assert (h["available"], h["why"]) == (False, "0 error_rate level(s) with paired trials")
+    assert headline_numbers(None)["why"] == "no headline in campaign_results.json"
+
+
+def test_a_cell_summarized_by_campaign_stats(tmp_path):
+    """The file as a real cell writes it (summarize()'s output merged in): the analysis tables
+    and the headline in words carry summarize()'s numbers."""
+    c = SynthCampaign(seeds=(0, 1), trials=5, summarized=True)
+    d = write_campaign_cell(tmp_path / "a", _cell(), c)
+    stored = json.loads((d / "campaign_results.json").read_text())
+    again = summarize(stored["trials"], fail_ratio=2.0, level_name="error_rate", harsher=1,
+                      arms=["none", "top_k", "random_k"])
+    out = tmp_path / "x" / "statistical_analysis.json"
+    a = analyze([d], options=FAST, output=out)
+    t = load_tables(out)
+    s = t["campaign_summary"].set_index(["arm", "level"])
+    for r in again["summary"]:
+        got = s.loc[(r["arm"], r["level"])]
+        assert (got["n"], got["failures"], got["failure_lo"]) == (r["n"], r["failures"], pytest.approx(r["failure_lo"]))
+    hl = again["headline"]
+    # random_k crosses 50% halfway (in log10) between 1e-6 and 1e-5, top_k between 1e-5 and 1e-4: 10x
+    assert hl["available"] and not hl["censored"] and hl["value"] == pytest.approx(10.0)
+    row = t["campaign_headline"].iloc[0]
+    assert row["value"] == pytest.approx(hl["value"]) and row["lo"] == pytest.approx(hl["interval"][0])
+    assert "tolerates 10x [" in headline_sentence(a["campaign"]["headlines"][0])
+
+
 def test_headline_sentence_from_the_strict_json(tmp_path):
     """Read back from statistical_analysis.json ("inf" strings, null for NaN) the words are the same."""
     h = {"available": True, "value": "inf", "interval": [2.0, None], "censored": False, "target": 0.5}
@@ -214,7 +260,8 @@ def _pairs_study(root: Path) -> dict:
     sw = {"all": {"n": 1, "ratio_zeroed": 45.0, "ratio_random": 1.01}}
     for model, top, zeroed, head in (
             (BASE, 100.0, 45.0, {"available": True, "value": 8.0, "interval": [3.0, 20.0], "censored": False}),
-            (INST, 40.0, 1.5, {"available": True, "value": 50.0, "censored": True, "bound": ">="}),
+            (INST, 40.0, 1.5, {"available": True, "value": None, "interval": [2.0, math.inf], "censored": True,
+                               "bound": ">= 50", "bound_value": 50.0}),
             ("org/Other-1B", 7.0, 2.0, {"available": False, "why": "no random_k arm"})):
         ratios = {"top_k": [top, top], "random_k": [2.0, 2.0], "bottom_k": [1.0, 1.0]}
         d = write_campaign_cell(root / model.split("/")[1], _cell(model, ratios=ratios, super_weights=[]),
@@ -300,10 +347,10 @@ def test_failure_figure_draws_the_summary(tmp_path):
     write_campaign_cell(tmp_path / "a", _cell(), SynthCampaign())
     a = clean(analyze([tmp_path / "a"], options=FAST))
     fig, cap = CAMPAIGN_FIGURES["bit_errors_failure_rate"](a)
-    want = {arm: [r["failure_rate"] for r in a["campaign"]["summary"] if r["arm"] == arm] for arm in
+    want = {ARM_LABELS[arm]: [r["failure_rate"] for r in a["campaign"]["summary"] if r["arm"] == arm] for arm in
             ("none", "top_k", "random_k")}
-    assert _plotted(fig) == want == {"none": [0.2, 0.8, 1.0, 1.0], "top_k": [0.0, 0.0, 0.2, 0.8],
-                                     "random_k": [0.0, 0.2, 0.8, 1.0]}
+    assert _plotted(fig) == want == {"no protection": [0.2, 0.8, 1.0, 1.0], "top-K": [0.0, 0.0, 0.2, 0.8],
+                                     "random-K": [0.0, 0.2, 0.8, 1.0]}
     assert fig.axes[0].get_xscale() == "log" and "Wilson" in cap
 
 
