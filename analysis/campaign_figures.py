@@ -79,8 +79,9 @@ def _draw(a: dict, campaign: str, y_of: Callable, ylabel: str, what: str) -> tup
         ax.set_ylabel(ylabel, fontsize=8)
         ax.set_title(model, fontsize=10)
     legend = {label: h for ax in axes for h, label in zip(*ax.get_legend_handles_labels())}  # one entry a label
-    fig.legend(legend.values(), legend.keys(), loc="outside lower center", ncols=min(len(legend), 4), fontsize=8,
-               frameon=False)
+    widest = max(map(len, legend), default=1) + 6  # characters of one entry, its handle included
+    cols = max(1, min(len(legend), 4, int(fig.get_figwidth() * 72 / (0.6 * 8)) // widest))  # 8 pt: ~0.6 em a char
+    fig.legend(legend.values(), legend.keys(), loc="outside lower center", ncols=cols, fontsize=8, frameon=False)
     cells = sorted({r["cell"] for r in rows})
     return fig, f"{campaign}: {what}, one line per protected set (arm), one panel per model " \
                 f"(from {len(cells)} cell{'s' if len(cells) > 1 else ''}: {', '.join(cells[:4])}" \
