@@ -27,7 +27,7 @@ from cwa_core.schema import SELECTION_KINDS
 from .common import clean
 from .report_layout import (PAGE, figure_into, fmt, fmt_ci, grid_table, new_page, share_for_table, text_lines,
                             text_table, wrapped)
-from .report_phase2 import phase2_sections
+from .report_phase2 import phase2_sections, study_lines
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,7 @@ def study_page(a: dict) -> Figure:
                   f"{o['boot_seed']}); an infinite seed: [smallest seed, inf]. Paired test: "
                   f"{(a['paired_tests'] or [{}])[0].get('test', 'none run')}. Multiple comparisons: Holm (1979) over "
                   f"the report's {mc.get('n_tests', 0)} tests. Critical K threshold: {o['threshold']:g}x."]
+    lines += study_lines(a)  # Phase 2's headlines, when a cell ran a campaign
     lines += ["", "Cells:"] + [f"  {r['cell']}: {r['model_name']} {r['metric']} K={r['k']} {r['mode']} "
                                f"{r['perturbation']} seeds {r['seeds']} [{r['protocol']}]" for r in c["table"][:40]]
     if len(c["table"]) > 40:

@@ -48,6 +48,19 @@ def headline_page(a: dict) -> Figure:
     return fig
 
 
+def study_lines(a: dict, most: int = 6) -> list[str]:
+    """The study page's Phase 2 lines: how many campaign cells, and the first ``most`` headlines
+    in words; none without campaign data."""
+    if not a.get("campaign"):
+        return []
+    heads = a["campaign"]["headlines"]
+    kinds = [c for c in CAMPAIGNS if any(h["campaign"] == c for h in heads)]
+    out = ["", f"Phase 2 (protection campaigns): {len(heads)} campaign cell(s): {', '.join(kinds)}; headlines "
+               f"(page 'Phase 2: what protecting the top-K weights buys'):"]
+    out += [f"  {headline_sentence(h)}." for h in heads[:most]]
+    return out + ([f"  ... {len(heads) - most} more on that page"] if len(heads) > most else [])
+
+
 def _fail_cell(r: dict) -> str:
     lo, hi = r.get("failure_lo"), r.get("failure_hi")
     iv = "" if lo is None or hi is None else f" [{fmt(lo, 2)}, {fmt(hi, 2)}]"

@@ -20,8 +20,8 @@ from analysis.compare import CompareOptions
 from analysis.cross_model import AnalysisOptions, analyze, load_tables
 from analysis.figures import FIGURES, figures_for
 from analysis.load import _variant
-from analysis.report import SECTIONS, write_report
-from analysis.report_phase2 import campaign_rows, phase2_sections
+from analysis.report import SECTIONS, study_page, write_report
+from analysis.report_phase2 import campaign_rows, phase2_sections, study_lines
 from cwa_core.campaign_stats import summarize
 from cwa_core.schema import ARM_LABELS
 from synthetic_campaign import SynthCampaign, campaign_results, write_campaign_cell
@@ -123,7 +123,7 @@ def test_no_campaign_data_changes_nothing(tmp_path):
     assert "campaign" not in a and "pairs" not in a
     assert a["figures"] == [f"figures/{n}.{e}" for n in list(FIGURES)[:6] for e in ("png", "pdf")]
     assert sorted(p.name for p in (out.parent / "figures").iterdir()) == sorted(Path(f).name for f in a["figures"])
-    assert phase2_sections(a) == [] and campaign_figures_for(a) == []
+    assert phase2_sections(a) == [] and campaign_figures_for(a) == [] and study_lines(a) == []
     write_report(a, tmp_path / "r.pdf", figures_dir=out.parent / "figures")
     assert _pdf_pages(tmp_path / "r.pdf") == len(SECTIONS)
     write_campaign_cell(tmp_path / "p2" / "a", _cell(), SynthCampaign())
@@ -320,6 +320,8 @@ def test_report_pages_present_only_with_data(tmp_path):
     assert (out.parent / "figures" / "quantize_median_ratio.png").is_file()
     write_report(a, tmp_path / "r.pdf", figures_dir=out.parent / "figures")
     assert _pdf_pages(tmp_path / "r.pdf") == len(SECTIONS) + 5
+    study = "\n".join(t.get_text() for t in study_page(clean(a)).findobj(lambda o: hasattr(o, "get_text")))
+    assert "Phase 2 (protection campaigns): 2 campaign cell(s): bit_errors, quantize" in study
     page = dict(phase2_sections(a))["Phase 2 headlines"](clean(a))
     text = "\n".join(t.get_text() for t in page.findobj(lambda o: hasattr(o, "get_text")))
     assert "tolerates 10x [3, 30] the bit error rate" in text.replace("\n", " ").replace("  ", " ")
