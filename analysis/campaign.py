@@ -22,7 +22,7 @@ from .load import ResultSet
 
 # a cell's keys on every Phase 2 row: those of the Phase 1 tables, then the campaign's own
 CELL_KEYS = ("cell", "protocol", "model", "model_name", "metric", "k", "mode", "variant")
-CAMPAIGN_KEYS = ("campaign", "level_name", "harsher", "bits", "quant_group", "prune_group", "fail_ratio")
+CAMPAIGN_SETTINGS = ("bits", "quant_group", "prune_group", "fail_ratio")  # from the file's settings
 LEVEL_WORDS = {"error_rate": "the bit error rate", "quant_bits": "bits", "sparsity": "sparsity"}
 # Instruct variants of a base model id: the base id with one of these tokens inserted, at the end
 # or before a "-" (Llama-2-7b-chat-hf, Mistral-7B-Instruct-v0.1, gemma-2-2b-it). Case-sensitive.
@@ -33,7 +33,7 @@ def _keys(cell: dict, camp: dict) -> dict:
     s = camp.get("settings") or {}
     return {**{k: cell.get(k) for k in CELL_KEYS}, "campaign": camp.get("campaign"),
             "level_name": camp.get("level_name"), "harsher": camp.get("harsher"),
-            **{k: s.get(k) for k in CAMPAIGN_KEYS[3:]}}
+            **{k: s.get(k) for k in CAMPAIGN_SETTINGS}}
 
 
 def _flat(row: dict) -> dict:
@@ -89,8 +89,10 @@ def headline_sentence(h: dict) -> str:
     """One headline row (:func:`campaign_tables`' ``headlines``) in words, e.g. "protecting the
     top-K=64 magnitude weights of m tolerates 8.1x [3.2, 20] the bit error rate of protecting 64
     random weights at a 50% failure rate (fail: ratio > 2 or non-finite)"."""
-    k = h.get("n_protected") if h.get("n_protected") is not None else h.get("k")
-    who = f"protecting the top-K={k} {h['metric']} weights ({h['mode']}) of {h['model_name']}"
+    k, n = h["k"], h.get("n_protected")
+    n = k if n is None else n  # per_layer: K in each tensor, n in all
+    who = (f"protecting the top-K={k} {h['metric']} weights ({h['mode']}{f': {n} weights' if n != k else ''}) of "
+           f"{h['model_name']}")
     target = (h.get("headline") or {}).get("target", 0.5)
     fail = f"(fail: ratio > {_g(value(h['fail_ratio']))} or non-finite)" if h.get("fail_ratio") is not None else ""
     if not h["available"]:
@@ -102,16 +104,14 @@ def headline_sentence(h: dict) -> str:
     if h["censored"] and h.get("bound") is None:
         return (f"{who}: the {h['campaign']} headline cannot be bounded (both tolerated levels lie beyond the same end "
                 f"of the tested range) {fail}").rstrip()
-    if h["censored"]:
-        amount = f"{ {'>=': 'at least', '<=': 'at most'}[h['bound']]} {_g(v)}{unit}{iv}"
-    else:
-        amount = f"{_g(v)}{unit}{iv}"
+    side = {">=": "at least ", "<=": "at most "}.get(h["bound"], "") if h["censored"] else ""
+    amount = f"{side}{_g(v)}{unit}{iv}"
     at = f"at a {target:.0%} failure rate {fail}".rstrip()
     if h["level_name"] == "error_rate":
-        return f"{who} tolerates {amount} {word} of protecting {k} random weights {at}"
+        return f"{who} tolerates {amount} {word} of protecting {n} random weights {at}"
     if h["level_name"] == "quant_bits":
-        return f"{who} needs {amount} fewer {word} than protecting {k} random weights {at}"
-    return f"{who} tolerates {amount} more {word} than protecting {k} random weights {at}"
+        return f"{who} needs {amount} fewer {word} than protecting {n} random weights {at}"
+    return f"{who} tolerates {amount} more {word} than protecting {n} random weights {at}"
 
 
 # --------------------------------------------------------------------------- base vs instruct

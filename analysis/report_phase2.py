@@ -9,7 +9,7 @@ from typing import Callable
 
 from matplotlib.figure import Figure
 
-from .campaign import headline_sentence
+from .campaign import INSTRUCT_TOKENS, headline_sentence
 from .campaign_figures import CAMPAIGNS, FIGURE_CAMPAIGN, campaign_figures_for
 from .common import value
 from .report_layout import PAGE, figure_into, fmt, grid_table, text_lines, text_table, wrapped
@@ -20,12 +20,13 @@ HEADLINE_NOTE = ("Headline: the level at which an arm's failure rate first reach
                  "cell's paired bootstrap over trials. Where an arm never reaches the target in the tested range (or "
                  "already exceeds it at the mildest level) the headline is only a bound. Each line is one cell: one "
                  "model, metric, K and mode (campaign_headline.parquet).")
-PAIRS_NOTE = ("Pairs: a model id and the same id with an instruct token (-Instruct, -instruct, -it, -chat, -Chat) at "
+PAIRS_NOTE = (f"Pairs: a model id and the same id with an instruct token ({', '.join(INSTRUCT_TOKENS)}) at "
               "its end or before a '-'. Compared only on matching settings (protocol, metric, K, mode, perturbation "
               "or campaign, variant). Phase 1 ratios: geometric mean over seeds. Super weights: perplexity ratio with "
               "every candidate zeroed together, and with as many random weights zeroed. difference = instruct - base; "
               "'-' where one is not a finite number (the note says why).")
 PAIR_ROWS = 40  # pairs table rows on its page; the rest are in pairs.parquet
+HEADLINES = 24  # headline sentences on their page; the rest are in campaign_headline.parquet
 TABLE_ROWS = 90  # campaign table rows per page; the rest are in campaign_summary.parquet
 
 
@@ -35,12 +36,15 @@ def headline_page(a: dict) -> Figure:
     fig.suptitle("Phase 2: what protecting the top-K weights buys", fontsize=13, x=0.05, ha="left", y=0.985)
     ax = fig.add_axes((0.05, 0.05, 0.9, 0.9))
     heads = a["campaign"]["headlines"]
-    lines = [HEADLINE_NOTE, ""]
+    lines, left = [HEADLINE_NOTE, ""], HEADLINES
     for c in [*CAMPAIGNS, *sorted({h["campaign"] for h in heads} - set(CAMPAIGNS))]:
         mine = sorted((h for h in heads if h["campaign"] == c), key=lambda h: (h["model_name"], h["metric"], h["k"],
                                                                                 h["mode"], h["cell"]))
-        if mine:
-            lines += [f"{c}:"] + [f"  - {headline_sentence(h)} [cell {h['cell']}]." for h in mine] + [""]
+        if mine and left > 0:
+            lines += [f"{c}:"] + [f"  - {headline_sentence(h)} [cell {h['cell']}]." for h in mine[:left]] + [""]
+        left -= len(mine)
+    if left < 0:
+        lines += [f"... {-left} more headlines in campaign_headline.parquet", ""]
     if a.get("pairs"):
         lines.append(f"Base vs instruct: {len({(p['base'], p['instruct']) for p in a['pairs']})} pair(s), compared on "
                      "the page 'Phase 2: base and instruct models'.")

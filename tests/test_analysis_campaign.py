@@ -160,6 +160,9 @@ HEAD = {"cell": "c", "model_name": "Llama-3.1-8B", "metric": "magnitude", "mode"
     ({"level_name": "sparsity", "campaign": "prune", "value": 0.12, "lo": 0.05, "hi": math.inf, "fail_ratio": 1.5},
      "protecting the top-K=64 magnitude weights (per_layer) of Llama-3.1-8B tolerates 0.12 [0.05, inf] more sparsity "
      "than protecting 64 random weights at a 50% failure rate (fail: ratio > 1.5 or non-finite)"),
+    ({"n_protected": 4032},  # per_layer: K in each of 63 tensors
+     "protecting the top-K=64 magnitude weights (per_layer: 4032 weights) of Llama-3.1-8B tolerates 8.1x [3.2, 20] the "
+     "bit error rate of protecting 4032 random weights at a 50% failure rate (fail: ratio > 2 or non-finite)"),
     ({"value": math.inf, "lo": 2.0, "hi": math.inf, "n_protected": None, "k": 8},
      "protecting the top-K=8 magnitude weights (per_layer) of Llama-3.1-8B tolerates inf x [2, inf] the bit error rate "
      "of protecting 8 random weights at a 50% failure rate (fail: ratio > 2 or non-finite)"),
@@ -325,6 +328,19 @@ def test_report_pages_present_only_with_data(tmp_path):
     page = dict(phase2_sections(a))["Phase 2 headlines"](clean(a))
     text = "\n".join(t.get_text() for t in page.findobj(lambda o: hasattr(o, "get_text")))
     assert "tolerates 10x [3, 30] the bit error rate" in text.replace("\n", " ").replace("  ", " ")
+
+
+def test_headline_page_keeps_to_its_page(tmp_path, monkeypatch):
+    """More headlines than the page holds: the first ones, then how many more and where."""
+    import analysis.report_phase2 as phase2
+
+    for name in ("a", "b", "c"):
+        write_campaign_cell(tmp_path / name, _cell(f"org/{name}"), SynthCampaign())
+    a = clean(analyze([tmp_path], options=FAST))
+    monkeypatch.setattr(phase2, "HEADLINES", 2)
+    page = phase2.headline_page(a)
+    text = "\n".join(t.get_text() for t in page.findobj(lambda o: hasattr(o, "get_text")))
+    assert text.count("[cell") == 2 and "... 1 more headlines in campaign_headline.parquet" in text
 
 
 def test_campaign_table_rows(tmp_path):
