@@ -22,7 +22,6 @@ from .load import ResultSet
 
 # a cell's keys on every Phase 2 row: those of the Phase 1 tables, then the campaign's own
 CELL_KEYS = ("cell", "protocol", "model", "model_name", "metric", "k", "mode", "variant")
-CAMPAIGN_SETTINGS = ("bits", "quant_group", "prune_group", "fail_ratio")  # from the file's settings
 LEVEL_WORDS = {"error_rate": "the bit error rate", "quant_bits": "bits", "sparsity": "sparsity"}
 # Instruct variants of a base model id: the base id with one of these tokens inserted, at the end
 # or before a "-" (Llama-2-7b-chat-hf, Mistral-7B-Instruct-v0.1, gemma-2-2b-it). Case-sensitive.
@@ -30,10 +29,12 @@ INSTRUCT_TOKENS = ("-Instruct", "-instruct", "-it", "-chat", "-Chat")
 
 
 def _keys(cell: dict, camp: dict) -> dict:
+    """A campaign cell's keys; its group settings as text (quant_group "row" or "128" in one column)."""
     s = camp.get("settings") or {}
     return {**{k: cell.get(k) for k in CELL_KEYS}, "campaign": camp.get("campaign"),
             "level_name": camp.get("level_name"), "harsher": camp.get("harsher"),
-            **{k: s.get(k) for k in CAMPAIGN_SETTINGS}}
+            **{k: None if s.get(k) is None else str(s[k]) for k in ("bits", "quant_group", "prune_group")},
+            "fail_ratio": s.get("fail_ratio")}
 
 
 def _flat(row: dict) -> dict:

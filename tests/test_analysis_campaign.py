@@ -95,6 +95,22 @@ def test_inf_and_nan_stay_right(tmp_path):
     assert rows[("top_k", "0.7")][7] == "inf" and rows[("none", "0.7")][7] == "-"
 
 
+def test_cells_of_every_campaign_share_the_tables(tmp_path):
+    """bit_errors (float rates), quantize (integer bits, an integer group size) and prune in one
+    analysis: one Parquet table each, levels as floats, group settings as text."""
+    for camp in ("bit_errors", "quantize", "prune"):
+        d = write_campaign_cell(tmp_path / camp, _cell(), SynthCampaign(campaign=camp))
+        f = json.loads((d / "campaign_results.json").read_text())
+        f["settings"]["quant_group"] = 128 if camp == "quantize" else "row"
+        (d / "campaign_results.json").write_text(json.dumps(f))
+    out = tmp_path / "x" / "statistical_analysis.json"
+    analyze([tmp_path], options=FAST, output=out)
+    s = load_tables(out)["campaign_summary"]
+    assert s.groupby("campaign")["level"].apply(lambda x: sorted(set(x))).to_dict() == {
+        "bit_errors": [1e-7, 1e-6, 1e-5, 1e-4], "prune": [0.3, 0.5, 0.7], "quantize": [3.0, 4.0, 8.0]}
+    assert set(s["quant_group"]) == {"row", "128"}
+
+
 def test_a_campaign_cell_without_phase1_results_is_read(tmp_path):
     d = write_campaign_cell(tmp_path / "a", _cell(), SynthCampaign())
     (d / "perturbation_results.json").unlink()
