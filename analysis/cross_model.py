@@ -5,6 +5,8 @@
 
 Writes the JSON (strict: no NaN; infinite values as "inf"), the tables as Parquet beside it
 (``pd.read_parquet("results/x/ratios.parquet")``) and the figures in ``figures/`` (PNG + PDF).
+Cells that ran a Phase 2 campaign add the "campaign" section, its tables and figures, and base vs
+instruct model pairs add "pairs" (:mod:`analysis.campaign`); without them nothing of it is written.
 Library use: :func:`analyze` (what the sweep runner calls), :func:`load_tables`.
 """
 from __future__ import annotations

@@ -3,7 +3,8 @@ redraw them from a saved JSON). Readable in grayscale: series differ by marker, 
 or hatch as well as colour; every axis names its unit. Degenerate data (one model, one seed,
 one K, infinite ratios, nothing at all) draws what there is and says what is missing.
 
-Each figure function returns ``(Figure, caption)``; :data:`FIGURES` lists them in report order.
+Each figure function returns ``(Figure, caption)``; :data:`FIGURES` lists them in report order,
+Phase 2's (:mod:`analysis.campaign_figures`) last; :func:`figures_for` names those an analysis draws.
 Matplotlib's object API is used (no pyplot): no global backend or figure state.
 """
 from __future__ import annotations
