@@ -5,6 +5,8 @@
 
 Writes the JSON (strict: no NaN; infinite values as "inf"), the tables as Parquet beside it
 (``pd.read_parquet("results/x/ratios.parquet")``) and the figures in ``figures/`` (PNG + PDF).
+Cells that ran a Phase 2 campaign add the "campaign" section, its tables and figures, and base vs
+instruct model pairs add "pairs" (:mod:`analysis.campaign`); without them nothing of it is written.
 Library use: :func:`analyze` (what the sweep runner calls), :func:`load_tables`.
 """
 from __future__ import annotations
@@ -23,6 +25,7 @@ import pandas as pd
 
 from cwa_core.schema import TAG_CELL, TAG_KIND
 
+from .campaign import campaign_tables, pairs_table
 from .common import GROUP, NUMBERS_NOTE, clean, cells_list
 from .compare import (INTERVALS, CompareOptions, apply_holm, dose_response, paired_tests, ratio_summary,
                       stability_table, tagged_results)
@@ -152,6 +155,14 @@ def run_analysis(rs: ResultSet, opts: AnalysisOptions | None = None) -> tuple[di
               "location": _frame(shares), "location_fit": _frame(fits), "location_tests": _frame(chi),
               "recurring_lines": _frame(lines),
               "top_weights_by_tensor": rs.topk_counts, "super_weights": _frame(sw)}
+    camp, camp_tables = campaign_tables(rs)  # Phase 2: present only when a cell ran a campaign
+    if camp:
+        a["campaign"] = camp
+        tables.update(camp_tables)
+    pairs = pairs_table(rs, ratios, camp.get("headlines", []))
+    if pairs:
+        a["pairs"] = pairs
+        tables["pairs"] = pd.DataFrame(pairs)
     return a, {k: v for k, v in tables.items() if v is not None and len(v)}
 
 

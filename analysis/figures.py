@@ -3,7 +3,8 @@ redraw them from a saved JSON). Readable in grayscale: series differ by marker, 
 or hatch as well as colour; every axis names its unit. Degenerate data (one model, one seed,
 one K, infinite ratios, nothing at all) draws what there is and says what is missing.
 
-Each figure function returns ``(Figure, caption)``; :data:`FIGURES` lists them in report order.
+Each figure function returns ``(Figure, caption)``; :data:`FIGURES` lists them in report order,
+Phase 2's (:mod:`analysis.campaign_figures`) last; :func:`figures_for` names those an analysis draws.
 Matplotlib's object API is used (no pyplot): no global backend or figure state.
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ from matplotlib.figure import Figure
 from cwa_core.schema import PARAM_TYPES, SELECTION_COLORS, SELECTION_KINDS
 from cwa_core.schema import SELECTION_MARKERS as MARKERS
 
+from .campaign_figures import CAMPAIGN_FIGURES, campaign_figures_for
 from .common import value
 from .hypotheses import JACCARD_BARS
 
@@ -337,7 +339,14 @@ FIGURES: dict[str, Callable[[dict], tuple[Figure, str]]] = {
     "param_type_by_model": param_type_figure,
     "metric_agreement": agreement_figure,
     "stability_vs_k": stability_figure,
+    **CAMPAIGN_FIGURES,  # Phase 2: drawn only for an analysis with that campaign's data
 }
+
+
+def figures_for(a: dict) -> list[str]:
+    """The names of :data:`FIGURES` that ``a`` is drawn with: every Phase 1 figure (they say what
+    is missing), a Phase 2 figure only when ``a`` holds its campaign."""
+    return [name for name in FIGURES if name not in CAMPAIGN_FIGURES] + campaign_figures_for(a)
 
 
 #: The PNG text chunk that holds a saved figure's caption (:func:`saved_caption` reads it back).
@@ -350,8 +359,8 @@ def save_figures(a: dict, folder: str | Path) -> list[Path]:
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name, fn in FIGURES.items():
-        fig, caption = fn(a)
+    for name in figures_for(a):
+        fig, caption = FIGURES[name](a)
         for ext in ("png", "pdf"):
             p = out / f"{name}.{ext}"
             fig.savefig(p, dpi=130, **({"metadata": {CAPTION_KEY: caption}} if ext == "png" else {}))

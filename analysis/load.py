@@ -5,7 +5,8 @@ A folder holding ``manifest.json`` is one experiment ("cell"); a folder holding
 ``finished`` are skipped and counted. Fields added later (protocol block, ``ppl_status``,
 ``expert``, ``n_layers``, ``score_sample.parquet``, ``super_weights.json``, Parquet top
 weights, ``window_nll.parquet``, the metric's ``data_independent`` flag in
-``perturbation_results.json``) are used when present and derived or left out when not.
+``perturbation_results.json``, Phase 2's ``campaign_results.json``) are used when present and
+derived or left out when not.
 
 Top weights are digested one cell at a time (counts per tensor, candidate lines, sorted id
 sets per seed) so that a hundred cells of ~430k rows each never sit in memory together.
@@ -32,6 +33,7 @@ from .top_weights import LoadOptions, TensorIds, digest_top_weights, read_top_we
 log = logging.getLogger(__name__)
 
 SWEEP_MANIFEST = schema.SWEEP_MANIFEST
+CAMPAIGN_RESULTS = schema.CAMPAIGN_RESULTS  # a Phase 2 campaign cell's trials and summary (issue 17)
 # settings that do not change what was measured (where it ran, what was drawn, how it was batched)
 NOT_MEASUREMENT = {"out_dir", "save_plots", "stability_check", "device", "eval_batch_size", "micro_batch",
                    "seeds", "controls", "stability_sample", *schema.CAMPAIGN_SETTINGS}  # a campaign adds its own file
@@ -62,6 +64,7 @@ class ResultSet:
     # per cell, selection ("baseline" for the unperturbed model; seed -1), seed and evaluation window:
     # summed NLL and predictions (window_nll.parquet; absent in older folders)
     windows: pd.DataFrame = field(default_factory=pd.DataFrame)
+    campaigns: list[dict] = field(default_factory=list)  # per campaign cell: {"cell": ..., **campaign_results.json}
 
 
 # --------------------------------------------------------------------------- discovery
@@ -190,6 +193,7 @@ class _Cell:
     super_weights: dict | None = None
     top_weights: Path | None = None
     windows: pd.DataFrame | None = None
+    campaign: dict | None = None
 
 
 def _read_cell(d: Path, cell: str, ids: TensorIds, opts: LoadOptions) -> _Cell:
@@ -200,8 +204,10 @@ def _read_cell(d: Path, cell: str, ids: TensorIds, opts: LoadOptions) -> _Cell:
     if man.get("status") != "finished":
         raise _Skip(man.get("status"), man.get("error"))
     pert = _read_json(d / schema.PERTURBATION_RESULTS)
-    if pert is None:
+    campaign = _read_json(d / CAMPAIGN_RESULTS)
+    if pert is None and campaign is None:
         raise _Skip("incomplete", f"no {schema.PERTURBATION_RESULTS}")
+    pert = pert or {}  # a campaign cell without Phase 1 evaluations
     settings = man.get("settings") or {}
     prov_model = (man.get("provenance") or {}).get("model") or {}
     proto, derived = protocol_key(man, pert)
@@ -229,6 +235,7 @@ def _read_cell(d: Path, cell: str, ids: TensorIds, opts: LoadOptions) -> _Cell:
         out.sample.insert(0, "cell", cell)
     sw = _read_json(d / schema.SUPER_WEIGHTS)
     out.super_weights = {"cell": cell, **sw} if sw else None
+    out.campaign = {"cell": cell, **campaign} if campaign else None
     wf = d / (pert.get("window_nll") or schema.WINDOW_NLL)
     if wf.is_file():
         out.windows = pd.read_parquet(wf, columns=["selection", "seed", "window", "nll", "tokens"])
@@ -316,7 +323,8 @@ def load_results(paths: Sequence[str | Path], opts: LoadOptions | None = None) -
         score_sample=_concat([c.sample for c in got if c.sample is not None]),
         super_weights=[c.super_weights for c in got if c.super_weights], topk_keys=keys, skipped=skipped,
         warnings=[], top_weight_files={c.row["cell"]: c.top_weights for c in got if c.top_weights},
-        windows=_concat([c.windows for c in got if c.windows is not None]))
+        windows=_concat([c.windows for c in got if c.windows is not None]),
+        campaigns=[c.campaign for c in got if c.campaign])
 
 
 def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:

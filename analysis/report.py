@@ -25,101 +25,11 @@ from matplotlib.figure import Figure
 from cwa_core.schema import SELECTION_KINDS
 
 from .common import clean
-from .figures import FIGURES, saved_caption
+from .report_layout import (PAGE, figure_into, fmt, fmt_ci, grid_table, new_page, share_for_table, text_lines,
+                            text_table, wrapped)
+from .report_phase2 import phase2_sections, study_lines
 
 log = logging.getLogger(__name__)
-
-PAGE = (8.27, 11.69)  # A4 portrait, inches
-MAX_ROWS = 22  # table rows per page; the rest are in the Parquet tables
-
-
-def _fmt(v, digits: int = 3) -> str:
-    if v is None:
-        return "-"
-    if v == "inf":
-        return "inf"
-    if isinstance(v, float):
-        return f"{v:.{digits}g}"
-    return str(v)
-
-
-def _ci(c) -> str:
-    return "-" if not c or c[0] is None else f"[{_fmt(c[0])}, {_fmt(c[1])}]"
-
-
-def _table(ax, header: list[str], rows: list[list], title: str, note_more: str = "", max_rows: int = MAX_ROWS,
-           empty: str = "(nothing measured)", note: str | None = None) -> None:
-    """A fixed-width text table (monospace: columns line up whatever the content), with an
-    optional ``note`` line above the header (under the title, never over it)."""
-    cells = [[_fmt(v) for v in r] for r in rows[:max_rows]]
-    caps = [28] * (len(header) - 1) + [64]  # the last column may hold a sentence
-    widths = [min(max([len(h)] + [len(r[i]) for r in cells]), cap) for i, (h, cap) in enumerate(zip(header, caps))]
-
-    def line(vals):
-        return "  ".join(str(v)[:w].ljust(w) for v, w in zip(vals, widths))
-
-    out = ([note, ""] if note else []) + [line(header), "  ".join("-" * w for w in widths)] + [line(r) for r in cells]
-    if not rows:
-        out.append(empty)
-    elif len(rows) > max_rows:
-        out.append(f"... {len(rows) - max_rows} more rows{note_more}")
-    ax.axis("off")
-    ax.set_title(title, loc="left", fontsize=9, fontweight="bold")
-    size = 6.5 if sum(widths) + 2 * len(widths) < 125 else 5.5
-    ax.text(0, 1, "\n".join(out), va="top", ha="left", fontsize=size, family="monospace", transform=ax.transAxes)
-
-
-def _text(ax, lines: list[str], title: str | None = None, size: float = 8) -> None:
-    ax.axis("off")
-    if title:
-        ax.set_title(title, loc="left", fontsize=10, fontweight="bold")
-    wrapped = [w for line in lines for w in (textwrap.wrap(line, 120, subsequent_indent="    ") or [""])]
-    ax.text(0, 1, "\n".join(wrapped), va="top", ha="left", fontsize=size, family="monospace", transform=ax.transAxes)
-
-
-def _table_share(n_rows: int, extra_lines: int = 0) -> float:
-    """The share of the page's body a table of ``n_rows`` needs (header, rule, a "more rows" line
-    and ``extra_lines`` included), so that the figure starts right under it."""
-    lines = min(n_rows, MAX_ROWS) + 3 + extra_lines
-    inches = lines * 6.5 * 1.2 / 72  # 6.5 pt monospace, matplotlib's line spacing 1.2
-    return min(0.45, inches / (PAGE[1] * 0.9) + 0.04)
-
-
-def _page(title: str, table_share: float = 0.45) -> tuple[Figure, list]:
-    """A page with its title, a table area on top (``table_share`` of the body) and a figure
-    area under it."""
-    fig = Figure(figsize=PAGE)
-    fig.suptitle(title, fontsize=13, x=0.05, ha="left", y=0.985)
-    top = fig.add_axes((0.05, 1 - 0.05 - table_share * 0.9, 0.9, table_share * 0.9))
-    bottom = fig.add_axes((0.05, 0.06, 0.9, 0.9 * (1 - table_share) - 0.06))
-    return fig, [top, bottom]
-
-
-def _figure_into(ax, name: str, a: dict) -> str:
-    """Figure ``name`` as an image inside ``ax`` (the PNG already saved beside the analysis
-    when there is one, with the caption saved in it; else drawn now); returns its caption."""
-    import io
-
-    import matplotlib.image as mpimg
-
-    saved = Path(a["_figures_dir"]) / f"{name}.png" if a.get("_figures_dir") else None
-    caption = saved_caption(saved) if saved is not None and saved.is_file() else None
-    if caption is None:  # not saved, or saved without its caption: drawn (again), for its caption
-        fig, caption = FIGURES[name](a)  # the caption always comes from the data
-    if saved is not None and saved.is_file():
-        img = mpimg.imread(saved)
-    else:
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=150)
-        buf.seek(0)
-        img = mpimg.imread(buf)
-    ax.imshow(img)
-    ax.set_anchor("N")  # the image (shrunk to its aspect) and its caption sit at the top of the area
-    ax.axis("off")
-    ax.text(0, -0.02, "\n".join(textwrap.wrap(f"Figure ({name}): {caption}", 130)), fontsize=7, va="top",
-            transform=ax.transAxes)
-    return caption
-
 
 # --------------------------------------------------------------------------- sections
 
@@ -153,13 +63,14 @@ def study_page(a: dict) -> Figure:
                   f"{o['boot_seed']}); an infinite seed: [smallest seed, inf]. Paired test: "
                   f"{(a['paired_tests'] or [{}])[0].get('test', 'none run')}. Multiple comparisons: Holm (1979) over "
                   f"the report's {mc.get('n_tests', 0)} tests. Critical K threshold: {o['threshold']:g}x."]
+    lines += study_lines(a)  # Phase 2's headlines, when a cell ran a campaign
     lines += ["", "Cells:"] + [f"  {r['cell']}: {r['model_name']} {r['metric']} K={r['k']} {r['mode']} "
                                f"{r['perturbation']} seeds {r['seeds']} [{r['protocol']}]" for r in c["table"][:40]]
     if len(c["table"]) > 40:
         lines.append(f"  ... {len(c['table']) - 40} more (cells.parquet)")
     if a.get("warnings"):
         lines += ["", "Warnings:"] + [f"  {w}" for w in a["warnings"][:10]]
-    _text(ax, lines, size=7)
+    text_lines(ax, lines, size=7)
     return fig
 
 
@@ -168,11 +79,6 @@ INTERVAL_NOTE = ("interval (column 'how', top/random/bottom): t = t interval on 
                  "bootstrap over the evaluation windows (the seeds carry no spread: every seed gives the same ratio); "
                  "o = [smallest seed, inf] (an infinite seed); 0 = zero width (no spread, no per-window numbers); "
                  "- = one seed, no interval")
-
-
-def _wrapped(text: str) -> tuple[str, int]:
-    lines = textwrap.wrap(text, 150)
-    return "\n".join(lines), len(lines)
 
 
 def ratios_page(a: dict) -> Figure:
@@ -185,7 +91,7 @@ def ratios_page(a: dict) -> Figure:
         cols, how = [], []
         for s in SELECTION_KINDS:
             r = sel.get(s)
-            cols += ["-", "-"] if r is None else [r["geomean"], _ci(r["ci"])]
+            cols += ["-", "-"] if r is None else [r["geomean"], fmt_ci(r["ci"])]
             how.append("." if r is None else INTERVAL_CODES.get(r.get("interval_code"), "?"))
         n = max(r["n_seeds"] for r in sel.values())
         bad = sum(r["n_inf"] for r in sel.values()), sum(len(r["missing"]) for r in sel.values())
@@ -193,14 +99,14 @@ def ratios_page(a: dict) -> Figure:
     few = sum(1 for r in a["ratios"] if r.get("warning"))
     note = INTERVAL_NOTE + (f". WARNING: {few} of {len(a['ratios'])} rows rest on fewer than 5 seeds: their intervals "
                             "over seeds are wide and assume normal log ratios" if few else "")
-    note, n_lines = _wrapped(note)
+    note, n_lines = wrapped(note)
     level = f"{a['options']['compare']['level']:.0%}"
-    fig, (t, f) = _page("Perplexity ratios by selection", _table_share(len(rows), n_lines + 1))
-    _table(t, ["model", "metric", "K", "mode", "perturb", "prot", "seeds",
+    fig, (t, f) = new_page("Perplexity ratios by selection", share_for_table(len(rows), n_lines + 1))
+    text_table(t, ["model", "metric", "K", "mode", "perturb", "prot", "seeds",
                *[c for sel in SELECTION_KINDS for c in (sel, f"{level} CI")], "how", "inf/miss"], rows,
            f"Geometric-mean perplexity ratio over seeds (perturbed / baseline), {level} intervals", " in ratios.parquet",
            note=note)
-    _figure_into(f, "ratios_by_selection", a)
+    figure_into(f, "ratios_by_selection", a)
     return fig
 
 
@@ -210,31 +116,31 @@ def _test_code(p: dict) -> str:
 
 
 def dose_page(a: dict) -> Figure:
-    fig, (t, f) = _page("Top-K against random-K, and damage against K")
+    fig, (t, f) = new_page("Top-K against random-K, and damage against K")
     rows = [[p["model_name"], p["metric"], p["k"], p["mode"], p["control"], p["n"],
              f"{p['count']['top_greater']}/{p['count']['n']}" if p.get("count") else "-", p.get("mean_log_diff"),
              p["p_value"], p.get("p_holm"), _test_code(p), p.get("outcome") or p["verdict"]]
             for p in a["paired_tests"] if p["control"] == "random_k"]
     crit = [[d["model_name"], d["metric"], d["mode"], d["perturbation"], ",".join(map(str, d["ks"])),
              d["critical"]["critical_k"], d["critical"]["bound"],
-             "-" if not d["critical"]["bracket"] else "-".join(_fmt(b) for b in d["critical"]["bracket"]),
+             "-" if not d["critical"]["bracket"] else "-".join(fmt(b) for b in d["critical"]["bracket"]),
              d["random_k_at_critical"]] for d in a["dose_response"]]
     t.axis("off")
     sub1, sub2 = t.inset_axes((0, 0.42, 1, 0.58)), t.inset_axes((0, 0.0, 1, 0.36))
     mc = a.get("multiple_comparisons") or {}
-    note, _ = _wrapped("test: t = paired t-test on log ratios; exact = exact Wilcoxon signed-rank (+inf ranked largest),"
-                       " used where a ratio is infinite or the differences do not vary (its smallest p is 2/2^n: 0.25 "
-                       "with 3 seeds, below 0.05 from 6). top>ctl = seeds where top_k did more damage. p Holm: Holm "
-                       f"(1979) over the report's {mc.get('n_tests', 0)} tests (paired, location fit and comparison). dlog ratio = "
-                       "log(top_k ratio) - log(random_k ratio), mean over seeds")
-    _table(sub1, ["model", "metric", "K", "mode", "control", "n", "top>ctl", "mean dlog", "p", "p Holm", "test",
+    note, _ = wrapped("test: t = paired t-test on log ratios; exact = exact Wilcoxon signed-rank (+inf ranked largest),"
+                      " used where a ratio is infinite or the differences do not vary (its smallest p is 2/2^n: 0.25 "
+                      "with 3 seeds, below 0.05 from 6). top>ctl = seeds where top_k did more damage. p Holm: Holm "
+                      f"(1979) over the report's {mc.get('n_tests', 0)} tests (paired, location fit and comparison). dlog ratio = "
+                      "log(top_k ratio) - log(random_k ratio), mean over seeds")
+    text_table(sub1, ["model", "metric", "K", "mode", "control", "n", "top>ctl", "mean dlog", "p", "p Holm", "test",
                   "outcome"], rows,
            "Paired test of top_k against random_k over seeds", " (and bottom_k) in paired_tests.parquet", max_rows=14,
            note=note)
-    _table(sub2, ["model", "metric", "mode", "perturb", "K measured", "critical K", "bound", "bracket", "random_k there"],
-           crit, f"Critical K: smallest K whose top-K ratio (geometric mean) reaches "
+    text_table(sub2, ["model", "metric", "mode", "perturb", "K measured", "critical K", "bound", "bracket", "random_k there"],
+               crit, f"Critical K: smallest K whose top-K ratio (geometric mean) reaches "
                  f"{a['options']['compare']['threshold']:g}x, log-log interpolated", " in dose_response.parquet", max_rows=10)
-    _figure_into(f, "dose_response", a)
+    figure_into(f, "dose_response", a)
     return fig
 
 
@@ -242,10 +148,10 @@ def stability_page(a: dict) -> Figure:
     rows = [[s["model_name"], s["metric"], s["k"], s["mode"], s["jaccard"]["n"], s["jaccard"]["mean"], s["jaccard"]["min"],
              s["jaccard"]["max"], s["spearman"]["mean"], "yes (1.0 by construction)" if s["data_independent"] else "no",
              ",".join(s["sources"])] for s in a["stability"]]
-    fig, (t, f) = _page("Stability of the top-K sets across seeds", _table_share(len(rows)))
-    _table(t, ["model", "metric", "K", "mode", "pairs", "Jaccard mean", "min", "max", "Spearman", "data-independent",
+    fig, (t, f) = new_page("Stability of the top-K sets across seeds", share_for_table(len(rows)))
+    text_table(t, ["model", "metric", "K", "mode", "pairs", "Jaccard mean", "min", "max", "Spearman", "data-independent",
                "source"], rows, "Jaccard and Spearman over seed pairs", " in stability.parquet")
-    _figure_into(f, "stability_vs_k", a)
+    figure_into(f, "stability_vs_k", a)
     return fig
 
 
@@ -256,10 +162,10 @@ def agreement_page(a: dict) -> Figure:
              s["rho"]["min"], s["rho"]["max"]] for s in sp]
     rows += [[o["model_name"], "top-K Jaccard", o["k"], o["mode"], o["metric_a"], o["metric_b"], o["jaccard"]["n"],
               o["jaccard"]["mean"], o["jaccard"]["min"], o["jaccard"]["max"]] for o in ov]
-    fig, (t, f) = _page("Do the metrics agree?", _table_share(len(rows)))
-    _table(t, ["model", "measure", "K", "mode", "metric a", "metric b", "seeds", "mean", "min", "max"], rows,
-           "Metric agreement on the same model", " in metric_spearman.parquet / topk_overlap.parquet")
-    _figure_into(f, "metric_agreement", a)
+    fig, (t, f) = new_page("Do the metrics agree?", share_for_table(len(rows)))
+    text_table(t, ["model", "measure", "K", "mode", "metric a", "metric b", "seeds", "mean", "min", "max"], rows,
+               "Metric agreement on the same model", " in metric_spearman.parquet / topk_overlap.parquet")
+    figure_into(f, "metric_agreement", a)
     return fig
 
 
@@ -270,11 +176,11 @@ def _most_enriched(a: dict, fit: dict) -> str:
     if not mine:
         return "-"
     s = max(mine, key=lambda s: s["enrichment"])
-    return f"{s['category']} {_fmt(s['enrichment'])} {_ci(s['enrichment_ci'])}"
+    return f"{s['category']} {fmt(s['enrichment'])} {fmt_ci(s['enrichment_ci'])}"
 
 
 def location_page(a: dict) -> Figure:
-    fig, (t, f) = _page("Where the top-K weights live", table_share=0.34)
+    fig, (t, f) = new_page("Where the top-K weights live", table_share=0.34)
     loc = a["location"]
     fits = [[x["model_name"], x["metric"], x["k"], x["mode"], x["axis"], x.get("chi2"), x.get("dof"), x["p_value"],
              _most_enriched(a, x)] for x in loc["fit"]]
@@ -282,14 +188,14 @@ def location_page(a: dict) -> Figure:
               x["p_value"], x.get("p_holm")] for x in loc["comparisons"]]
     t.axis("off")
     sub1, sub2 = t.inset_axes((0, 0.52, 1, 0.48)), t.inset_axes((0, 0.06, 1, 0.4))
-    _table(sub1, ["model", "metric", "K", "mode", "by", "chi2", "dof", "p", "most enriched, 95% CI"], fits,
-           "Enrichment: top-K share / parameter share, tested against the model's own parameter shares", " in "
-           "location.parquet / location_fit.parquet", max_rows=8,
-           note="chi-square goodness of fit of the top-K counts to K x parameter share; per group: exact binomial test "
+    text_table(sub1, ["model", "metric", "K", "mode", "by", "chi2", "dof", "p", "most enriched, 95% CI"], fits,
+               "Enrichment: top-K share / parameter share, tested against the model's own parameter shares", " in "
+               "location.parquet / location_fit.parquet", max_rows=8,
+               note="chi-square goodness of fit of the top-K counts to K x parameter share; per group: exact binomial test "
                 "and Clopper-Pearson interval")
-    _table(sub2, ["metric", "K", "mode", "by", "model a", "model b", "G2", "dof", "p", "p Holm"], tests,
-           "Do two models' enrichment profiles differ? (never their raw counts)", " in location_tests.parquet",
-           max_rows=8, note="likelihood-ratio test of the model x group interaction, Poisson log-linear model with "
+    text_table(sub2, ["metric", "K", "mode", "by", "model a", "model b", "G2", "dof", "p", "p Holm"], tests,
+               "Do two models' enrichment profiles differ? (never their raw counts)", " in location_tests.parquet",
+               max_rows=8, note="likelihood-ratio test of the model x group interaction, Poisson log-linear model with "
                             "offset log(K x the model's own parameter share)")
     if loc.get("note"):
         t.text(0, 0.0, "\n".join(textwrap.wrap("Note: " + loc["note"], 140)), fontsize=7, va="bottom",
@@ -297,8 +203,8 @@ def location_page(a: dict) -> Figure:
     sub = f.inset_axes((0, 0.56, 1, 0.44))
     sub2 = f.inset_axes((0, 0.04, 1, 0.42))
     f.axis("off")
-    _figure_into(sub, "param_type_by_model", a)
-    _figure_into(sub2, "layer_profile", a)
+    figure_into(sub, "param_type_by_model", a)
+    figure_into(sub2, "layer_profile", a)
     return fig
 
 
@@ -317,13 +223,13 @@ def _published_line(p: dict) -> str:
 
 def recurring_page(a: dict) -> Figure:
     lines = a["recurring"]["lines"]
-    fig, (t, b) = _page("Recurring coordinates and super weights", _table_share(len(lines)))
+    fig, (t, b) = new_page("Recurring coordinates and super weights", share_for_table(len(lines)))
     rows = [[x["model_name"], x["metric"], x["k"], x["mode"], x["parameter"].replace("model.layers.", "L"), x["axis"],
              x["index"], f"{x['seeds_flagged']}/{x['n_seeds']}", x["count_mean"], x["share_mean"], x["enrichment_max"]]
             for x in lines]
-    _table(t, ["model", "metric", "K", "mode", "tensor", "axis", "index", "seeds", "count", "share", "enrichment"], rows,
-           "Rows/columns holding many top-K weights", " in recurring_lines.parquet",
-           empty="(none found)" if a["cells"]["n_loaded"] else "(nothing measured)")
+    text_table(t, ["model", "metric", "K", "mode", "tensor", "axis", "index", "seeds", "count", "share", "enrichment"], rows,
+               "Rows/columns holding many top-K weights", " in recurring_lines.parquet",
+               empty="(none found)" if a["cells"]["n_loaded"] else "(nothing measured)")
     txt = [a["recurring"]["rule"] + ".", ""]
     cross = a["recurring"]["across_metrics"]
     txt.append(f"Lines flagged by several metrics: {len(cross)}")
@@ -334,38 +240,11 @@ def recurring_page(a: dict) -> Figure:
         tops = "; ".join(f"{t['metric']} K={t['k']} {t['mode']}: {len(t['seeds_in_top_k'])}/{t['seeds_ranked']} seeds"
                          for t in c["in_top_k"])
         txt.append(f"  {c['model_name']} [{c['protocol']}] layer {c['layer']} {c['module']} [{c['row']}, {c['col']}] "
-                   f"value {_fmt(c['value'])}, zeroed ratio {_fmt(c['ratio_zeroed'])} (random {_fmt(c['ratio_random'])}); "
+                   f"value {fmt(c['value'])}, zeroed ratio {fmt(c['ratio_zeroed'])} (random {fmt(c['ratio_random'])}); "
                    f"in top-K of the same protocol: {tops or '-'}")
     txt += [f"  {_published_line(p)}" for p in a["super_weights"]["published"]]
-    _text(b, txt, size=7)
+    text_lines(b, txt, size=7)
     return fig
-
-
-def _grid_table(ax, header: list[str], rows: list[list[str]], widths: list[float], top: float,
-                size: float = 7.0) -> float:
-    """A ruled table in ``ax`` (proportional font, each cell's text wrapped to its column;
-    ``widths``: fractions of the axes' width) with its top edge at ``top`` (axes fraction).
-    Returns its bottom edge, for what comes under it."""
-    from matplotlib.table import Table
-
-    fw, fh = ax.figure.get_size_inches()
-    box = ax.get_position()
-    w_in, h_pt = box.width * fw, box.height * fh * 72
-    chars = [max(4, int(w * w_in * 72 / (0.56 * size)) - 2) for w in widths]  # ~0.56 em per character
-    cells = [[textwrap.fill(str(v), n) or " " for v, n in zip(r, chars)] for r in [header, *rows]]
-    heights = [(max(c.count("\n") + 1 for c in r) * 1.25 * size + 0.6 * size) / h_pt for r in cells]
-    table = Table(ax, bbox=(0, top - sum(heights), 1, sum(heights)))
-    for i, (r, h) in enumerate(zip(cells, heights)):
-        for j, (text, w) in enumerate(zip(r, widths)):
-            cell = table.add_cell(i, j, w, h, text=text, loc="left", facecolor="0.88" if i == 0 else "white",
-                                  edgecolor="0.6")
-            cell.PAD = 0.05 / (w * w_in)  # 0.05 inch either side, whatever the column's width
-            cell.set_linewidth(0.5)
-            cell.get_text().set_fontweight("bold" if i == 0 else "normal")
-    table.auto_set_font_size(False)
-    table.set_fontsize(size)
-    ax.add_table(table)
-    return top - sum(heights)
 
 
 # what a hypothesis case measured, in the order shown (keys of analysis.hypotheses' cases)
@@ -390,8 +269,8 @@ def hypotheses_rows(a: dict, max_failing: int = 14) -> tuple[list[list[str]], li
     numbers measured), the first ``max_failing`` of them; and how many failing cases there are."""
     main = [[f"{h['id']}  {h['statement']}", h["rule"], h["verdict"], _cases_phrase(h)] for h in a["hypotheses"]]
     failing = [(h["id"], c) for h in a["hypotheses"] for c in h["cases"] if not c["holds"]]
-    rows = [[hid, c.get("model_name") or c["model"], c.get("metric", "-"), _fmt(c.get("k")), c.get("mode", "-"),
-             ", ".join(f"{label} {_fmt(c[key])}" for label, key in CASE_NUMBERS if key in c)]
+    rows = [[hid, c.get("model_name") or c["model"], c.get("metric", "-"), fmt(c.get("k")), c.get("mode", "-"),
+             ", ".join(f"{label} {fmt(c[key])}" for label, key in CASE_NUMBERS if key in c)]
             for hid, c in failing[:max_failing]]
     return main, rows, len(failing)
 
@@ -405,14 +284,14 @@ def hypotheses_page(a: dict) -> Figure:
     ax.text(0, 1.0, "A hypothesis is supported only when every measured case holds. Every case, with its numbers\n"
                     "and cells: statistical_analysis.json, section \"hypotheses\".", fontsize=8, va="top",
             transform=ax.transAxes)
-    bottom = _grid_table(ax, ["hypothesis", "rule", "verdict", "cases holding / measured"], main,
-                         [0.3, 0.38, 0.1, 0.22], top=0.95)
+    bottom = grid_table(ax, ["hypothesis", "rule", "verdict", "cases holding / measured"], main,
+                        [0.3, 0.38, 0.1, 0.22], top=0.95)
     ax.text(0, bottom - 0.03, f"Cases that do not hold ({n_failing})" + (
         f": the first {len(failing)}" if n_failing > len(failing) else ""), fontsize=9, fontweight="bold", va="top",
             transform=ax.transAxes)
     if failing:
-        _grid_table(ax, ["", "model", "metric", "K", "mode", "measured"], failing, [0.05, 0.22, 0.16, 0.07, 0.09, 0.41],
-                    top=bottom - 0.06)
+        grid_table(ax, ["", "model", "metric", "K", "mode", "measured"], failing, [0.05, 0.22, 0.16, 0.07, 0.09, 0.41],
+                   top=bottom - 0.06)
     else:
         ax.text(0, bottom - 0.06, "none: every measured case holds", fontsize=8, va="top", transform=ax.transAxes)
     return fig
@@ -431,15 +310,16 @@ SECTIONS: dict[str, Callable[[dict], Figure]] = {
 
 
 def write_report(analysis: dict, pdf_path: str | Path, *, figures_dir: str | Path | None = None) -> Path:
-    """One page per section of :data:`SECTIONS` into ``pdf_path`` (from :func:`analysis.analyze`'s
-    dict or a loaded statistical_analysis.json). ``figures_dir``: the PNGs the analysis saved
-    (its ``figures/``), embedded instead of drawn again."""
+    """One page per section of :data:`SECTIONS`, then the Phase 2 pages when the analysis holds
+    campaign data or base/instruct pairs (:mod:`analysis.report_phase2`), into ``pdf_path``
+    (from :func:`analysis.analyze`'s dict or a loaded statistical_analysis.json). ``figures_dir``:
+    the PNGs the analysis saved (its ``figures/``), embedded instead of drawn again."""
     a = clean(analysis)
     a["_figures_dir"] = str(figures_dir) if figures_dir else None
     path = Path(pdf_path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with PdfPages(path, metadata={"Title": "Critical weight analysis: research summary", "Creator": "cwa analysis"}) as pdf:
-        for name, page in SECTIONS.items():
+        for name, page in [*SECTIONS.items(), *phase2_sections(a)]:  # Phase 2 pages only with their data
             pdf.savefig(page(a))
             log.info("report page: %s", name)
     return path
@@ -471,7 +351,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         ap.error(str(e))
     write_report(a, args.output, figures_dir=figures)
-    log.info("wrote %s (%d pages)", args.output, len(SECTIONS))
+    log.info("wrote %s (%d pages)", args.output, len(SECTIONS) + len(phase2_sections(clean(a))))
     return 0
 
 

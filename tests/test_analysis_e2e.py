@@ -15,7 +15,7 @@ import pytest
 
 from analysis.cross_model import AnalysisOptions, analyze, analyze_mlflow, load_tables, main
 from analysis.compare import CompareOptions
-from analysis.figures import FIGURES
+from analysis.figures import FIGURES, figures_for
 from analysis.report import SECTIONS
 from conftest import ROOT
 from synthetic_results import SynthCell, study, write_cell
@@ -53,11 +53,12 @@ def test_cross_model_command_end_to_end(sweep, tmp_path):
     assert len(tables["results"]) == 2 * 2 * len(KS) * 3 * 3
     assert len(tables["top_weights"]) == 3 * 2 * 2 * sum(KS)  # every seed's K rows of every cell
     assert tables["ratios"]["mean"].dtype.kind == "f"
-    for name in FIGURES:
+    assert figures_for(a) == list(FIGURES)[:6]  # no campaign data: the Phase 1 figures only
+    for name in figures_for(a):
         png = out.parent / "figures" / f"{name}.png"
         assert mpimg.imread(png).shape[0] > 200, name
         assert (out.parent / "figures" / f"{name}.pdf").read_bytes().startswith(b"%PDF")
-    assert sorted(a["figures"]) == sorted(f"figures/{n}.{e}" for n in FIGURES for e in ("png", "pdf"))
+    assert sorted(a["figures"]) == sorted(f"figures/{n}.{e}" for n in figures_for(a) for e in ("png", "pdf"))
 
 
 def test_report_command_end_to_end_without_torch(sweep, tmp_path):
@@ -73,7 +74,7 @@ def test_report_command_end_to_end_without_torch(sweep, tmp_path):
     data = pdf.read_bytes()
     assert data.startswith(b"%PDF") and _pdf_pages(data) == len(SECTIONS) == 8
     # every figure is embedded once (the location page holds two: parameter types, layer profile)
-    assert len(re.findall(rb"/Subtype\s*/Image", data)) == len(FIGURES) == 6
+    assert len(re.findall(rb"/Subtype\s*/Image", data)) == len(figures_for({})) == 6
     if shutil.which("pdftoppm"):  # render a page when poppler is there (it is not on every machine)
         subprocess.run(["pdftoppm", "-f", "2", "-l", "2", "-r", "50", "-png", str(pdf), str(tmp_path / "p")], check=True)
         assert mpimg.imread(next(tmp_path.glob("p*.png"))).shape[0] > 300

@@ -95,6 +95,7 @@ def test_the_report_embeds_the_saved_figures_without_drawing_them_again(tmp_path
 
     from analysis import figures as figures_mod
     from analysis import report as report_mod
+    from analysis import report_layout
     from analysis.common import clean
 
     for name in ("a", "b"):
@@ -102,16 +103,16 @@ def test_the_report_embeds_the_saved_figures_without_drawing_them_again(tmp_path
     out = tmp_path / "x" / "statistical_analysis.json"
     a = analyze([str(tmp_path / "runs")], options=AnalysisOptions(compare=CompareOptions(n_boot=200)), output=out)
     folder = out.parent / "figures"
-    want = {name: fn(clean(a))[1] for name, fn in figures_mod.FIGURES.items()}
+    want = {name: figures_mod.FIGURES[name](clean(a))[1] for name in figures_mod.figures_for(a)}
     assert {name: figures_mod.saved_caption(folder / f"{name}.png") for name in want} == want
     assert all(want.values())
 
     drawn = []
-    monkeypatch.setattr(report_mod, "FIGURES", {n: (lambda a, n=n: drawn.append(n) or figures_mod.FIGURES[n](a))
-                                                for n in figures_mod.FIGURES})
+    monkeypatch.setattr(report_layout, "FIGURES", {n: (lambda a, n=n: drawn.append(n) or figures_mod.FIGURES[n](a))
+                                                   for n in figures_mod.FIGURES})
     captions = {}
-    real_into = report_mod._figure_into
-    monkeypatch.setattr(report_mod, "_figure_into",
+    real_into = report_mod.figure_into
+    monkeypatch.setattr(report_mod, "figure_into",
                         lambda ax, name, a: captions.setdefault(name, real_into(ax, name, a)))
     report_mod.write_report(a, tmp_path / "r.pdf", figures_dir=folder)
     assert drawn == [] and captions == want
