@@ -186,6 +186,10 @@ def _sweep_summary(root: Path, sweep) -> None:
         ratios = "  ".join(f"{k} x{mean_ratio(v):.3f}" for k, v in ratios_by_selection(res["results"]).items())
         c = cell.config
         print(f"  {cell.id}  {c.metric:14s} {c.mode:9s} K={c.topk:<6d} {c.perturb:10s} {ratios}")
+        camp = root / cell.id / schema.CAMPAIGN_RESULTS
+        if camp.exists():  # the headline's sentence (the figures and the report hold the rest)
+            head = json.loads(camp.read_text()).get("headline") or {}
+            print(f"    {c.campaign}: {head.get('text') or head.get('why', 'no headline')}")
 
 
 def run_single(args: argparse.Namespace) -> int:

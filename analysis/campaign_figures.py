@@ -128,8 +128,14 @@ def _median(ax, pts: list[dict], style: dict) -> None:
     ax.set_yscale("log")
     ax.set_ymargin(0.15)  # finite points stay under the top edge's infinite markers
     ax.yaxis.set_major_formatter(_PLAIN)  # 1.3, not 1.3 x 10^0, on a short log range
-    ax.yaxis.set_minor_formatter(_PLAIN)
+    # minor ticks labelled only on a range under a decade (else they crowd: 0.6 0.7 0.8 0.9 ...)
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if _decades(ax) < 1 else ""))
     ax.axhline(1.0, color="0.6", lw=0.8, ls=":")
+
+
+def _decades(ax) -> float:
+    lo, hi = sorted(ax.get_ylim())
+    return math.log10(hi / lo) if lo > 0 else math.inf
 
 
 def median_figure(a: dict, campaign: str) -> tuple[Figure, str]:

@@ -53,10 +53,13 @@ def tagged_results(results: pd.DataFrame, cells: pd.DataFrame, warnings: list[st
     r = results.drop(columns=["k"], errors="ignore").merge(cells[["cell", *GROUP, "model_name", *extra]], on="cell",
                                                            how="inner")
     dup = r.duplicated([*GROUP, "selection", "seed"], keep="first")
-    if dup.any():
-        for row in r[dup].itertuples():
-            warnings.append(f"seed {row.seed} {row.selection} of {row.model}/{row.metric}/K={row.k} is measured again "
-                            f"in cell {row.cell}; the first cell's value is used")
+    if dup.any():  # one line per repeating cell (a campaign cell repeats its Phase 1 measurement by design)
+        first = r[~dup].set_index([*GROUP, "selection", "seed"])["cell"]
+        for cell, rows in r[dup].groupby("cell", sort=False):
+            row = next(rows.itertuples())
+            of = first.loc[tuple(getattr(row, k) for k in [*GROUP, "selection", "seed"])]
+            warnings.append(f"cell {cell} measures {row.model}/{row.metric}/K={row.k} again ({len(rows)} seed and "
+                            f"selection values, e.g. seed {row.seed} {row.selection}); cell {of}'s values are used")
         r = r[~dup]
     return r.sort_values([*GROUP, "selection", "seed"], kind="stable").reset_index(drop=True)
 
