@@ -74,8 +74,10 @@ def test_bit_errors_trial_restores_and_reports_ratio_and_memory(tmp_path):
     out = bit_errors.main([*QUICK, "--out", str(tmp_path)])
     data = _json(tmp_path, "bit_errors")
     assert out["restored_exactly"] is True and data["restored_exactly"] is True
-    assert set(data["seconds"]) == {"perplexity", "trial", "draw_apply_restore"}
+    assert set(data["seconds"]) == {"perplexity", "trial", "perturbed_perplexity", "draw_apply_restore"}
     assert all(t > 0 for t in data["seconds"].values()) and _finite(data["ratio"])
+    assert len(data["ratios"]) == len(data["ratios_to_perturbed_perplexity"]) == 3
+    assert _finite(data["ratio_to_perturbed_perplexity"])
     assert data["verdict"] in ("PASS", "FAIL") and data["limit"] == 1.05
     runs = data["memory_runs"]
     assert runs["10x_weights"]["weights"] / runs["small"]["weights"] == pytest.approx(10, rel=1e-3)  # 20 blocks vs 2
