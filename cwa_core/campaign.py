@@ -10,8 +10,9 @@ index (:func:`cwa_core.selection.tensor_offsets`).
 
 Memory while applied: bit errors O(flips) (the draw and the flipped entries' bits); prune
 O(pruned) (the pruned entries' bits, plus the scores the caller holds: O(weights) host memory);
-quantize O(weights) host memory (every scored tensor is quantized at once, so a CPU copy of each
-is kept to restore it).
+quantize O(weights) host memory (every projection matrix is quantized at once, so a CPU copy of
+each is kept to restore it). Quantization and pruning act on the attention and MLP projection
+matrices only (:func:`compressed`); bit errors on every scored tensor.
 """
 from __future__ import annotations
 
@@ -32,12 +33,10 @@ from .perturb import PerturbationLeakError, int_view
 from .prune import GROUPS as PRUNE_GROUPS
 from .prune import global_masks, prune_mask
 from .quantize import parse_group, rtn
+from .schema import ARM_KINDS, CAMPAIGNS, HARSHER, LEVEL_NAMES  # noqa: F401  (re-exported: the campaign's names)
 from .selection import Selection, tensor_offsets
 
-CAMPAIGNS = ("bit_errors", "quantize", "prune")
-ARMS = ("none", "top_k", "random_k", "bottom_k", "super_weights")
-LEVEL_NAMES = {"bit_errors": "error_rate", "quantize": "quant_bits", "prune": "sparsity"}
-HARSHER = {"bit_errors": +1, "quantize": -1, "prune": +1}  # +1: a larger level is harsher
+ARMS = ARM_KINDS  # the campaigns' vocabulary lives in cwa_core.schema (analysis reads it too)
 
 
 @dataclass(frozen=True)
@@ -255,6 +254,13 @@ def _flipped(refs: Sequence[ParamRef], draw: be.BitErrors, ids: np.ndarray) -> I
         _check([(iv[idx], before) for iv, idx, _, before in done], "flipped")
 
 
+def compressed(ref: ParamRef) -> bool:
+    """Whether quantization and pruning act on ``ref``: the weight matrices of the attention and
+    MLP projections, as RTN/GPTQ/AWQ quantize and Wanda/SparseGPT prune them; norms, biases,
+    embeddings and the LM head stay as they are (bit errors hit every scored tensor)."""
+    return ref.param_type in ("attention", "mlp") and ref.leaf == "weight" and ref.param.dim() >= 2
+
+
 @contextlib.contextmanager
 def _quantized(refs: Sequence[ParamRef], spec: CampaignSpec, ids: np.ndarray, bits: float) -> Iterator[Applied]:
     """Round-to-nearest quantization of every ref, the protected weights kept (and left out of their
@@ -266,6 +272,8 @@ def _quantized(refs: Sequence[ParamRef], spec: CampaignSpec, ids: np.ndarray, bi
     info = Applied()
     try:
         for r, start in zip(refs, offsets):
+            if not compressed(r):
+                continue
             flat = _flat(r)
             protect = _mask(ids, start, r, r.param.device)
             q = rtn(r.param.data, bits, spec.quant_group, protected=protect, in_dim=r.in_dim)
@@ -285,6 +293,7 @@ def _pruned(refs: Sequence[ParamRef], spec: CampaignSpec, ids: np.ndarray, spars
     only the pruned entries' bits are kept to restore: O(pruned) memory, plus one bool mask (a byte
     a weight) of one tensor at a time, or of all of them for the global group."""
     offsets = tensor_offsets(refs).tolist()
+    refs, offsets, scores = zip(*[(r, o, s) for r, o, s in zip(refs, offsets, scores) if compressed(r)]) or ((), (), ())
     protect = [_mask(ids, start, r, s.device) for r, start, s in zip(refs, offsets, scores)]
     if spec.prune_group == "global":
         masks = iter(global_masks(list(scores), sparsity, protected=protect))

@@ -370,13 +370,17 @@ def test_pruning_half_zeroes_exactly_half_of_every_row_outside_the_protected_set
         with cp.applied(refs, spec, protected[arm], 0.5, scores=_scores(refs)):
             for r, start in zip(refs, offsets):
                 w = r.param.detach()
-                rows = w.reshape(1, -1) if r.in_dim is None else w
-                assert ((rows == 0).sum(dim=1) == rows.shape[1] // 2).all(), (arm, r.name)
+                if not cp.compressed(r):  # norm gains: never pruned (nor quantized), as in Wanda
+                    assert (w != 0).all(), r.name
+                    continue
+                assert ((w == 0).sum(dim=1) == w.shape[1] // 2).all(), (arm, r.name)
                 ids = protected[arm][(protected[arm] >= start) & (protected[arm] < start + r.numel)] - start
                 assert (w.reshape(-1)[torch.from_numpy(ids)] != 0).all()
+    matrices = [r for r in refs if cp.compressed(r)]
+    assert len(matrices) < len(refs) and all(r.param_type in ("attention", "mlp") for r in matrices)
     with cp.applied(refs, cp.CampaignSpec("prune", prune_group="global"), protected["none"], 0.25,
                     scores=_scores(refs)) as info:
-        assert sum(int((r.param == 0).sum()) for r in refs) == int(sum(r.numel for r in refs) * 0.25) == info.changed
+        assert sum(int((r.param == 0).sum()) for r in refs) == int(sum(r.numel for r in matrices) * 0.25) == info.changed
 
 
 @pytest.mark.parametrize("campaign,zero", [("prune", 0.0), ("bit_errors", 0.0)])
@@ -453,3 +457,19 @@ def test_an_error_inside_an_arm_still_restores_the_weights():
                 assert not np.array_equal(bits_of(refs), before)
                 raise KeyboardInterrupt
         assert np.array_equal(bits_of(refs), before), spec.campaign
+
+
+def test_quantize_and_prune_leave_norms_alone_and_bit_errors_do_not():
+    """RTN/GPTQ quantize and Wanda prunes the projection matrices; norm gains stay as they are.
+    Bit errors are hardware faults: they hit every scored tensor."""
+    model, refs, _, protected = setup(k=8)
+    others = [i for i, r in enumerate(refs) if not cp.compressed(r)]
+    assert others and all(refs[i].param_type == "norm" for i in others)
+    before = [refs[i].param.detach().clone() for i in others]
+    for spec, level in ((cp.CampaignSpec("quantize", quant_group="tensor"), 2), (cp.CampaignSpec("prune"), 0.75)):
+        with cp.applied(refs, spec, protected["none"], level, scores=_scores(refs)) as info:
+            assert info.changed > 0
+            assert all(torch.equal(refs[i].param.detach(), b) for i, b in zip(others, before))
+    draw = cp.draw_errors(refs, 0.05, np.random.default_rng(0))
+    with cp.applied(refs, cp.CampaignSpec("bit_errors"), protected["none"], 0.05, draw=draw):
+        assert any(not torch.equal(refs[i].param.detach(), b) for i, b in zip(others, before))
