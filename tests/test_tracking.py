@@ -30,7 +30,7 @@ def test_cell_and_seed_runs_carry_log10_ratios(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracker = Tracker(uri, "study")
     config = SimpleNamespace(metric=c.metric, mode=c.mode, topk=c.topk, perturb=c.perturb, protocol="heldout",
-                             seeds=c.seeds)
+                             seeds=c.seeds, campaign="none")
     cell = SimpleNamespace(id="cell-1", settings=c.settings, config=config)
     run_id = tracker.log_cell(cell, folder)
 
@@ -55,3 +55,18 @@ def test_cell_and_seed_runs_carry_log10_ratios(tmp_path):
     top = sorted(r.data.metrics["log10_ppl_ratio"] for r in seeds if r.data.params["selection"] == "top_k"
                  and "log10_ppl_ratio" in r.data.metrics)
     assert top == pytest.approx([math.log10(3e7), math.log10(2e8)])
+
+
+def test_campaign_aggregates_are_named_per_arm_and_level_and_the_headline_only_with_a_value():
+    from cwa_core.sweep.tracking import campaign_metrics
+
+    camp = {"summary": [{"arm": "top_k", "level": 1e-06, "failure_rate": 0.25, "median_ratio": 100.0},
+                        {"arm": "none", "level": 4, "failure_rate": 1.0, "median_ratio": math.inf}],
+            "headline": {"available": True, "value": None, "censored": True}}
+    m = campaign_metrics(camp)
+    assert m == {"campaign/top_k/failure_rate/1e-06": 0.25, "campaign/top_k/median_ratio/1e-06": 100.0,
+                 "campaign/top_k/log10_median_ratio/1e-06": pytest.approx(2.0, abs=1e-15),
+                 "campaign/none/failure_rate/4": 1.0, "campaign/none/median_ratio/4": math.inf,
+                 "campaign/none/log10_median_ratio/4": math.inf}  # inf is dropped when logged, as every ratio
+    assert campaign_metrics({**camp, "headline": {"available": True, "value": 8.5}})["campaign/headline"] == 8.5
+    assert campaign_metrics({"summary": [], "headline": {"available": False, "why": "one level"}}) == {}
