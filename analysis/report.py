@@ -64,8 +64,10 @@ def study_page(a: dict) -> Figure:
                   f"{(a['paired_tests'] or [{}])[0].get('test', 'none run')}. Multiple comparisons: Holm (1979) over "
                   f"the report's {mc.get('n_tests', 0)} tests. Critical K threshold: {o['threshold']:g}x."]
     lines += study_lines(a)  # Phase 2's headlines, when a cell ran a campaign
+    camp = {h["cell"]: f" + {h['campaign']}" for h in (a.get("campaign") or {}).get("headlines", [])}
     lines += ["", "Cells:"] + [f"  {r['cell']}: {r['model_name']} {r['metric']} K={r['k']} {r['mode']} "
-                               f"{r['perturbation']} seeds {r['seeds']} [{r['protocol']}]" for r in c["table"][:40]]
+                               f"{r['perturbation']}{camp.get(r['cell'], '')} seeds {r['seeds']} [{r['protocol']}]"
+                               for r in c["table"][:40]]
     if len(c["table"]) > 40:
         lines.append(f"  ... {len(c['table']) - 40} more (cells.parquet)")
     if a.get("warnings"):
