@@ -31,9 +31,9 @@ from .architectures import scored_params
 from .campaign_stats import summarize
 from .config import DATA_FIELDS, ExperimentConfig, pass_fields, settings_key
 from .data import DataSplit, TokenCache
-from .experiment import (ExperimentResult, baseline_perplexity, check_calibration, evaluate_selection, load_split,
-                         score_seed, stability_report, study_super_weights, tensor_table)
-from .metrics import METRICS, ScoreOptions
+from .experiment import (ExperimentResult, baseline_perplexity, calibration, check_calibration, evaluate_selection,
+                         load_split, score_seed, stability_report, study_super_weights, tensor_table)
+from .metrics import ScoreOptions
 from .perturb import PerturbSpec
 from .schema import CAMPAIGN_SETTINGS, HARSHER, LEVEL_NAMES, SELECTION_KINDS
 from .selection import Selection, offsets_of, tensor_offsets
@@ -134,10 +134,13 @@ class Worker:
         refs = self.refs(cfg.param_types)
         ss = score_seed(self.model, refs, self.split(cfg), metric=cfg.metric, seed=seed, k=k, modes=modes,
                         max_samples=cfg.max_samples,
-                        opts=ScoreOptions(cfg.micro_batch, cfg.hutchinson_probes, 0, self.progress),
+                        opts=self._score_options(cfg, seed),
                         stability_sample=cfg.stability_sample, track=track)
         self.counts["scoring_passes"] += 1
         return {"scores": ss, "tensors": tensor_table(refs)}
+
+    def _score_options(self, cfg: ExperimentConfig, seed: int) -> ScoreOptions:
+        return ScoreOptions(cfg.micro_batch, cfg.hutchinson_probes, seed, self.progress)
 
     def trial(self, cfg: ExperimentConfig, seed: int, level: float, trial: int, selections: dict[str, Selection],
               candidates: Sequence[dict] = ()) -> list[dict]:
@@ -161,11 +164,9 @@ class Worker:
         key = (settings_key(cfg, pass_fields("score")), seed)
         if self._prune_scores is None or self._prune_scores[0] != key:
             self._prune_scores = None  # free the old one first
-            refs = self.refs(cfg.param_types)
-            data_free = METRICS.get(cfg.metric).data_independent
-            calib = None if data_free else self.split(cfg).calib_windows(cfg.max_samples, seed)
-            opts = ScoreOptions(cfg.micro_batch, cfg.hutchinson_probes, seed, self.progress)
-            self._prune_scores = (key, campaigns.full_scores(self.model, refs, cfg.metric, calib, opts))
+            calib = calibration(cfg.metric, self.split(cfg), cfg.max_samples, seed)
+            self._prune_scores = (key, campaigns.full_scores(self.model, self.refs(cfg.param_types), cfg.metric, calib,
+                                                             self._score_options(cfg, seed)))
         return self._prune_scores[1]
 
     def evaluate(self, cfg: ExperimentConfig, selection: Selection, seed: int) -> dict:

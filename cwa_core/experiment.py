@@ -110,6 +110,12 @@ class SeedScores:
         return sel if k is None or k == sel.k else sel.prefix(k)
 
 
+def calibration(metric: str, data: DataSplit, max_samples: int, seed: int) -> torch.Tensor | None:
+    """The calibration windows a scoring pass of ``metric`` reads for ``seed`` (None: the metric
+    reads no data)."""
+    return None if METRICS.get(metric).data_independent else data.calib_windows(max_samples, seed)
+
+
 def score_seed(model: nn.Module, refs: Sequence[ParamRef], data: DataSplit, *, metric: str, seed: int,
                k: int, modes: Sequence[str], max_samples: int, opts: ScoreOptions,
                stability_sample: int = 10_000, track: Sequence[Coordinate] = ()) -> SeedScores:
@@ -120,8 +126,7 @@ def score_seed(model: nn.Module, refs: Sequence[ParamRef], data: DataSplit, *, m
     total = sum(r.numel for r in refs)
     gathers["stability"] = random_selection(refs, min(stability_sample, total), "global", STABILITY_SAMPLE_SEED)
     collector = ScoreCollector(refs, k, tuple(modes), gathers, seed=seed)
-    m = METRICS.get(metric)
-    calib = None if m.data_independent else data.calib_windows(max_samples, seed)
+    calib = calibration(metric, data, max_samples, seed)
     ranks = CandidateRanks(refs, track) if track else None
     sink = collector if ranks is None else (lambda r, s: (collector(r, s), ranks(r, s)))
     score(model, refs, metric, calib, sink, replace(opts, seed=seed))
