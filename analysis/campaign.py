@@ -81,8 +81,6 @@ def campaign_tables(rs: ResultSet) -> tuple[dict, dict[str, pd.DataFrame]]:
 def _g(x: float) -> str:
     """A number as the headline prints it: 2 significant digits, plain between 0.01 and 10^4
     (100, 8.1, 0.12), else in e-notation (1e-06)."""
-    if not math.isfinite(x):
-        return "nan" if math.isnan(x) else "inf" if x > 0 else "-inf"
     return f"{float(f'{x:.2g}'):g}" if x == 0 or 0.01 <= abs(x) < 1e4 else f"{x:.2g}"
 
 

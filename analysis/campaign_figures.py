@@ -12,11 +12,10 @@ from typing import Callable
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
-from cwa_core.schema import ARM_COLORS, ARM_KINDS, ARM_LABELS, ARM_MARKERS
+from cwa_core.schema import ARM_COLORS, ARM_KINDS, ARM_LABELS, ARM_MARKERS, CAMPAIGNS  # campaigns: the report's order
 
 from .common import value
 
-CAMPAIGNS = ("bit_errors", "quantize", "prune")  # issue 17's campaigns, in the report's order
 _PLAIN = FuncFormatter(lambda v, _: f"{v:g}")
 CELL_LINES = ["-", "--", ":", "-."]  # line style: the model's cells (metric, K, mode)
 AXIS = {"error_rate": "bit error rate per stored bit (log; harsher to the right)",

@@ -33,7 +33,6 @@ from .top_weights import LoadOptions, TensorIds, digest_top_weights, read_top_we
 log = logging.getLogger(__name__)
 
 SWEEP_MANIFEST = schema.SWEEP_MANIFEST
-CAMPAIGN_RESULTS = schema.CAMPAIGN_RESULTS  # a Phase 2 campaign cell's trials and summary (issue 17)
 # settings that do not change what was measured (where it ran, what was drawn, how it was batched)
 NOT_MEASUREMENT = {"out_dir", "save_plots", "stability_check", "device", "eval_batch_size", "micro_batch",
                    "seeds", "controls", "stability_sample", *schema.CAMPAIGN_SETTINGS}  # a campaign adds its own file
@@ -204,7 +203,7 @@ def _read_cell(d: Path, cell: str, ids: TensorIds, opts: LoadOptions) -> _Cell:
     if man.get("status") != "finished":
         raise _Skip(man.get("status"), man.get("error"))
     pert = _read_json(d / schema.PERTURBATION_RESULTS)
-    campaign = _read_json(d / CAMPAIGN_RESULTS)
+    campaign = _read_json(d / schema.CAMPAIGN_RESULTS)
     if pert is None and campaign is None:
         raise _Skip("incomplete", f"no {schema.PERTURBATION_RESULTS}")
     pert = pert or {}  # a campaign cell without Phase 1 evaluations

@@ -36,7 +36,6 @@ from .quantize import parse_group, rtn
 from .schema import ARM_KINDS, CAMPAIGNS, HARSHER, LEVEL_NAMES  # noqa: F401  (re-exported: the campaign's names)
 from .selection import Selection, tensor_offsets
 
-ARMS = ARM_KINDS  # the campaigns' vocabulary lives in cwa_core.schema (analysis reads it too)
 
 
 @dataclass(frozen=True)
@@ -67,11 +66,11 @@ def protected_sets(selections: Mapping[str, Selection], offsets: torch.Tensor, a
     ``none`` empty, top_k/random_k/bottom_k from ``selections`` (keyed by arm), ``super_weights``
     from ``super_ids`` (:func:`super_weight_ids`)."""
     if len(set(arms)) != len(arms):
-        raise ValueError(f"protect: an arm appears twice in {list(arms)}; allowed: each of {', '.join(ARMS)} once")
+        raise ValueError(f"protect: an arm appears twice in {list(arms)}; allowed: each of {', '.join(ARM_KINDS)} once")
     out: dict[str, np.ndarray] = {}
     for arm in arms:
-        if arm not in ARMS:
-            raise ValueError(f"protect: unknown arm {arm!r}; allowed: {', '.join(ARMS)}")
+        if arm not in ARM_KINDS:
+            raise ValueError(f"protect: unknown arm {arm!r}; allowed: {', '.join(ARM_KINDS)}")
         if arm == "none":
             ids = np.empty(0, dtype=np.int64)
         elif arm == "super_weights":
@@ -357,7 +356,7 @@ def run_trial(model: nn.Module, refs: Sequence[ParamRef], windows: torch.Tensor,
         with applied(refs, spec, ids, level, draw=draw, scores=scores) as info:
             ppl = perplexity(model, windows, batch_size=batch_size, desc=f"ppl {arm} {spec.campaign}")
         rows.append({"arm": arm, "level": int(level) if spec.campaign == "quantize" else float(level),
-                     "seed": seed, "trial": trial, "n_protected": int(np.unique(ids).size),
+                     "seed": seed, "trial": trial, "n_protected": int(ids.size),
                      "changed": info.changed, "drawn": 0, "protected_hits": info.protected_hits,
                      "ppl": ppl.ppl, "nll": ppl.nll, "status": finite_status(ppl.ppl),
                      "seconds": time.perf_counter() - t0})

@@ -67,7 +67,7 @@ def protection(cfg: ExperimentConfig, scored: dict, study: dict | None) -> tuple
             if kind in cfg.protect}
     cands = []
     if "super_weights" in cfg.protect:
-        cands = [{k: c[k] for k in ("layer", "row", "col")} for c in study["report"]["candidates"]]
+        cands = [{k: c[k] for k in ("layer", "row", "col", "module") if k in c} for c in study["report"]["candidates"]]
     return sels, cands
 
 

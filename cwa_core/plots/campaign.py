@@ -28,14 +28,12 @@ from .. import schema
 from ..campaign_stats import summarize, trial_ratio
 from . import style
 from .style import (
-    _OKABE_ITO, NAN_LABEL, _center_message, _figure, _fmt, _note_below, _seeds_caption, _sorted_seeds,
+    _OKABE_ITO, INF_HATCH as _INF_HATCH, INF_LABEL, NAN_LABEL, _center_message, _figure, _fmt, _note_below, _seeds_caption, _sorted_seeds,
 )
 
 CAMPAIGN_TITLES = {"bit_errors": "Bit errors", "quantize": "RTN quantization", "prune": "Pruning"}
 LEVEL_LABELS = {"error_rate": "bit error rate (per stored bit)", "quant_bits": "quantization bits per weight",
                 "sparsity": "sparsity (fraction of weights zeroed)"}
-INF_LABEL = "inf (overflow)"
-_INF_HATCH = "//"
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from matplotlib.patches import Patch
 from .. import schema
 from . import style
 from .style import (
-    _OKABE_ITO, NAN_LABEL, _num, _plural, _seeds_caption, _sorted_seeds, _figure, _fmt, _note_below,
+    _OKABE_ITO, INF_HATCH as _INF_HATCH, INF_LABEL, NAN_LABEL, _num, _plural, _seeds_caption, _sorted_seeds, _figure, _fmt, _note_below,
 )
 
 log = logging.getLogger(__name__)
@@ -28,8 +28,6 @@ log = logging.getLogger(__name__)
 _SELECTION_ORDER = schema.SELECTION_KINDS
 _SELECTION_LABELS = schema.SELECTION_LABELS
 _SELECTION_COLORS = schema.SELECTION_COLORS
-_INF_HATCH = "//"
-INF_LABEL = "inf (overflow)"  # label of a bar whose perplexity overflowed
 
 
 def _method_label(perturbation: Mapping[str, Any] | None) -> str:

@@ -51,6 +51,8 @@ _EXTRA_COLORS = (_OKABE_ITO["sky_blue"], _OKABE_ITO["black"], _OKABE_ITO["yellow
 _CMAP = "viridis"
 _BAD_COLOR = "#d9d9d9"  # cells without data (or without a finite value)
 NAN_LABEL = "NaN"
+INF_LABEL = "inf (overflow)"  # a perplexity that overflowed, in legends and bands
+INF_HATCH = "//"  # the band where infinite values are drawn
 
 _STYLE: dict[str, Any] = {
     "font.size": 11,
