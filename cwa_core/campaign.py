@@ -29,7 +29,7 @@ from . import bit_errors as be
 from .architectures import ARCHITECTURES, ParamRef, flat_index, matrix_shape
 from .evaluate import finite_status, perplexity
 from .metrics import ScoreOptions, score
-from .perturb import PerturbationLeakError, int_view
+from .perturb import PerturbationLeakError, all_equal, int_view
 from .prune import GROUPS as PRUNE_GROUPS
 from .prune import global_masks, prune_mask
 from .quantize import parse_group, rtn
@@ -329,10 +329,7 @@ def _write_back(saved: Sequence[tuple[torch.Tensor, torch.Tensor | None, torch.T
 def _check(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], what: str) -> None:
     """Raise PerturbationLeakError unless every (now, saved) pair of bits is equal; the
     comparisons stay on their device and are read back once per device, not once per tensor."""
-    per_device: dict[torch.device, list[torch.Tensor]] = {}
-    for now, saved in pairs:
-        per_device.setdefault(now.device, []).append((now == saved).all())
-    if all(bool(torch.stack(oks).all()) for oks in per_device.values()):
+    if all_equal(pairs):
         return
     wrong = sum(int((now != saved).sum()) for now, saved in pairs)
     raise PerturbationLeakError(f"{wrong} of {sum(s.numel() for _, s in pairs)} {what} weights do not hold "

@@ -188,11 +188,16 @@ def perturbed(refs: Sequence[ParamRef], selection: Selection, spec: PerturbSpec)
 
 
 def _all_restored(saved: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> bool:
-    """Whether every (flat, idx, bits) holds its saved bits again: the comparisons stay on each
+    """Whether every (flat, idx, bits) holds its saved bits again (:func:`all_equal`)."""
+    return all_equal([(int_view(flat)[idx], bits) for flat, idx, bits in saved])
+
+
+def all_equal(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> bool:
+    """Whether each (now, saved) pair of tensors is equal everywhere: the comparisons stay on each
     device and are read back once per device, not once per tensor (a GPU sync each)."""
     per_device: dict[torch.device, list[torch.Tensor]] = {}
-    for flat, idx, bits in saved:
-        per_device.setdefault(flat.device, []).append((int_view(flat)[idx] == bits).all())
+    for now, saved in pairs:
+        per_device.setdefault(now.device, []).append((now == saved).all())
     return all(bool(torch.stack(oks).all()) for oks in per_device.values())
 
 

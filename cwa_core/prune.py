@@ -32,7 +32,7 @@ from typing import Sequence
 
 import torch
 
-from .quantize import from_rows, to_rows
+from .quantize import check_mask, from_rows, to_rows
 
 GROUPS = ("row", "layer", "global")
 
@@ -41,12 +41,6 @@ def check_sparsity(sparsity: float) -> float:
     if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real) or not 0 <= sparsity < 1:
         raise ValueError(f"sparsity: must be a number in [0, 1), got {sparsity!r}")
     return float(sparsity)
-
-
-def _check_protected(protected: torch.Tensor | None, shape: torch.Size) -> None:
-    if protected is not None and (protected.shape != shape or protected.dtype != torch.bool):
-        raise ValueError(f"protected: must be a bool mask of shape {tuple(shape)}, got "
-                         f"{protected.dtype} {tuple(protected.shape)}")
 
 
 def _lowest(key: torch.Tensor, protected: torch.Tensor | None, k: int) -> torch.Tensor:
@@ -68,7 +62,7 @@ def prune_mask(scores: torch.Tensor, sparsity: float, *, group: str = "row",
     (``row``: every output row, its inputs along ``in_dim``; ``layer``: the whole tensor), never
     a ``protected`` (bool, same shape) weight."""
     s = check_sparsity(sparsity)
-    _check_protected(protected, scores.shape)
+    check_mask(protected, scores.shape)
     if group not in ("row", "layer"):
         raise ValueError(f"prune_group: prune_mask takes row or layer (global: global_masks), got {group!r}")
     key = scores.detach().float()
@@ -95,7 +89,7 @@ def global_masks(scores: Sequence[torch.Tensor], sparsity: float, *,
         return []
     dev = scores[0].device
     for t, p in zip(scores, protected):
-        _check_protected(p, t.shape)
+        check_mask(p, t.shape)
     key = torch.cat([t.detach().reshape(-1).float().to(dev) for t in scores])[None]  # (1, total)
     prot = torch.cat([torch.zeros(t.numel(), dtype=torch.bool, device=dev) if p is None
                       else p.reshape(-1).to(dev) for t, p in zip(scores, protected)])[None]

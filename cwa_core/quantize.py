@@ -58,6 +58,13 @@ def parse_group(text: str | int) -> str | int:
     raise ValueError(f"quant_group: unknown {text!r}; allowed: tensor, row or a positive integer")
 
 
+def check_mask(protected: torch.Tensor | None, shape: torch.Size) -> None:
+    """A protected set as a bool mask of the weights' shape (or None: nothing protected)."""
+    if protected is not None and (protected.shape != shape or protected.dtype != torch.bool):
+        raise ValueError(f"protected: must be a bool mask of shape {tuple(shape)}, got "
+                         f"{protected.dtype} {tuple(protected.shape)}")
+
+
 def check_bits(bits: int) -> int:
     if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or not 2 <= bits <= 8:
         raise ValueError(f"quant_bits: must be an integer in 2..8, got {bits!r}")
@@ -86,9 +93,7 @@ def rtn(w: torch.Tensor, bits: int, group: str | int, *, protected: torch.Tensor
     nn.Linear, 0 for GPT-2's Conv1D, None: the last axis, see :func:`to_rows`)."""
     qmax = 2 ** (check_bits(bits) - 1) - 1
     group = parse_group(group)
-    if protected is not None and (protected.shape != w.shape or protected.dtype != torch.bool):
-        raise ValueError(f"protected: must be a bool mask of shape {tuple(w.shape)}, got "
-                         f"{protected.dtype} {tuple(protected.shape)}")
+    check_mask(protected, w.shape)
     if w.numel() == 0:
         return w.detach().clone()
     x = to_rows(w.detach(), in_dim).float()  # (rows, inputs)
