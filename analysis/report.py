@@ -25,7 +25,7 @@ from matplotlib.figure import Figure
 from cwa_core.schema import SELECTION_KINDS
 
 from .common import clean
-from .report_layout import (PAGE, figure_into, fmt, fmt_ci, grid_table, new_page, share_for_table, text_lines,
+from .report_layout import (figure_into, titled_page, fmt, fmt_ci, grid_table, new_page, share_for_table, text_lines,
                             text_table, wrapped)
 from .report_phase2 import phase2_sections, study_lines
 
@@ -34,8 +34,7 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------- sections
 
 def study_page(a: dict) -> Figure:
-    fig = Figure(figsize=PAGE)
-    fig.suptitle("Critical weight analysis: research summary", fontsize=14, x=0.05, ha="left", y=0.985)
+    fig = titled_page("Critical weight analysis: research summary", 14)
     ax = fig.add_axes((0.05, 0.05, 0.9, 0.9))
     c = a["cells"]
     lines = [f"Created {a.get('created_utc')} from {', '.join(map(str, a.get('inputs') or []))}",
@@ -278,8 +277,7 @@ def hypotheses_rows(a: dict, max_failing: int = 14) -> tuple[list[list[str]], li
 
 
 def hypotheses_page(a: dict) -> Figure:
-    fig = Figure(figsize=PAGE)
-    fig.suptitle("Seed hypotheses, checked", fontsize=13, x=0.05, ha="left", y=0.985)
+    fig = titled_page("Seed hypotheses, checked")
     ax = fig.add_axes((0.05, 0.04, 0.9, 0.9))
     ax.axis("off")
     main, failing, n_failing = hypotheses_rows(a)

@@ -68,11 +68,17 @@ def share_for_table(n_rows: int, extra_lines: int = 0) -> float:
     return min(0.45, inches / (PAGE[1] * 0.9) + 0.04)
 
 
+def titled_page(title: str, size: int = 13) -> Figure:
+    """An empty A4 page with its title at the top left."""
+    fig = Figure(figsize=PAGE)
+    fig.suptitle(title, fontsize=size, x=0.05, ha="left", y=0.985)
+    return fig
+
+
 def new_page(title: str, table_share: float = 0.45) -> tuple[Figure, list]:
     """A page with its title, a table area on top (``table_share`` of the body) and a figure
     area under it."""
-    fig = Figure(figsize=PAGE)
-    fig.suptitle(title, fontsize=13, x=0.05, ha="left", y=0.985)
+    fig = titled_page(title)
     top = fig.add_axes((0.05, 1 - 0.05 - table_share * 0.9, 0.9, table_share * 0.9))
     bottom = fig.add_axes((0.05, 0.06, 0.9, 0.9 * (1 - table_share) - 0.06))
     return fig, [top, bottom]

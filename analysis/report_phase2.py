@@ -12,7 +12,7 @@ from matplotlib.figure import Figure
 from .campaign import INSTRUCT_TOKENS, headline_sentence
 from .campaign_figures import CAMPAIGNS, FIGURE_CAMPAIGN, campaign_figures_for
 from .common import value
-from .report_layout import PAGE, figure_into, fmt, grid_table, text_lines, text_table, wrapped
+from .report_layout import figure_into, titled_page, fmt, grid_table, text_lines, text_table, wrapped
 
 HEADLINE_NOTE = ("Headline: the level at which an arm's failure rate first reaches the target going harsher (linear "
                  "interpolation between the tested levels, in log10 for the error rate), for top_k against random_k "
@@ -32,8 +32,7 @@ TABLE_ROWS = 90  # campaign table rows per page; the rest are in campaign_summar
 
 def headline_page(a: dict) -> Figure:
     """Each campaign cell's headline in words, by campaign."""
-    fig = Figure(figsize=PAGE)
-    fig.suptitle("Phase 2: what protecting the top-K weights buys", fontsize=13, x=0.05, ha="left", y=0.985)
+    fig = titled_page("Phase 2: what protecting the top-K weights buys")
     ax = fig.add_axes((0.05, 0.05, 0.9, 0.9))
     heads = a["campaign"]["headlines"]
     lines, left = [HEADLINE_NOTE, ""], HEADLINES
@@ -96,8 +95,7 @@ def campaign_page(a: dict, campaign: str) -> Figure:
     note, _ = wrapped(f"fail: ratio > {' / '.join(fail)} or non-finite (nan counts as a failure). failure rate [Wilson "
                       "95% interval]; p: exact McNemar (two-sided binomial sign test on the discordant pairs: same seed "
                       "and trial) against random_k at the same level, within the cell, unadjusted", 120)
-    fig = Figure(figsize=PAGE)
-    fig.suptitle(f"Phase 2: {campaign}", fontsize=13, x=0.05, ha="left", y=0.985)
+    fig = titled_page(f"Phase 2: {campaign}")
     text_table(fig.add_axes((0.05, 0.04, 0.9, 0.9)),
                ["model", "metric", "K", "mode", "arm", "level", "n", "median ratio", "failure rate [95%]", "p"], rows,
                f"{campaign}: perplexity ratio and failure rate per arm and level", " in campaign_summary.parquet",
@@ -107,8 +105,7 @@ def campaign_page(a: dict, campaign: str) -> Figure:
 
 def campaign_figures_page(a: dict, campaign: str) -> Figure:
     """One campaign's figures: failure rate and median ratio against the level."""
-    fig = Figure(figsize=PAGE)
-    fig.suptitle(f"Phase 2: {campaign}, figures", fontsize=13, x=0.05, ha="left", y=0.985)
+    fig = titled_page(f"Phase 2: {campaign}, figures")
     names = [n for n in campaign_figures_for(a) if FIGURE_CAMPAIGN[n] == campaign]
     for i, name in enumerate(names):
         h = 0.9 / len(names)
@@ -120,8 +117,7 @@ def pairs_page(a: dict) -> Figure:
     """Base and instruct variants of one model side by side, on matching settings."""
     rows = [[p["base_name"], p["instruct_name"], p["protocol"] or "-", p["setting"], p["quantity"], fmt(p["base_value"]),
              fmt(p["instruct_value"]), fmt(p["difference"]), p["note"] or ""] for p in a["pairs"][:PAIR_ROWS]]
-    fig = Figure(figsize=PAGE)
-    fig.suptitle("Phase 2: base and instruct models", fontsize=13, x=0.05, ha="left", y=0.985)
+    fig = titled_page("Phase 2: base and instruct models")
     ax = fig.add_axes((0.05, 0.04, 0.9, 0.9))
     ax.axis("off")
     ax.text(0, 1.0, "\n".join(textwrap.wrap(PAIRS_NOTE, 125)), fontsize=7.5, va="top", transform=ax.transAxes)

@@ -2,8 +2,8 @@
 extra memory of draw + apply + restore at two model sizes and two flip counts.
 
 Time: (a) ``perplexity`` of the windows; (b) one trial of the issue-17 ``bit_errors`` campaign
-for one arm (a random K=1000 protected set): the draw (``campaign.draw_errors``), the flips
-applied outside the set, the perplexity, the restore and its check (``campaign.applied``).
+for one arm (a random K=1000 protected set), timed as ``campaign.run_trial`` runs it: the draw,
+the flips applied outside the set, the perplexity, the restore and its check, the row.
 Each repetition runs (a), (b) and (c) back to back in rotating order, (c) being the perplexity alone
 of the model with (b)'s draw already applied; the ratios are the medians of the repetitions' b / a
 (the claim: <= 1.05) and b / c (what draw + apply + restore add to evaluating the perturbed model;
@@ -60,10 +60,9 @@ def _setup(shape: common.Shape, device: torch.device):
 
 
 def trial(model, refs, ids, windows, rate: float, n: int) -> float:
-    """One arm of one trial, as ``campaign.run_trial`` runs it: draw, apply, perplexity, restore."""
-    draw = cp.draw_errors(refs, rate, cp.draw_rng(0, n, rate))
-    with cp.applied(refs, SPEC, ids, rate, draw=draw):
-        return perplexity(model, windows).ppl
+    """One arm of one trial: ``campaign.run_trial`` itself (draw, apply, perplexity, restore, the row)."""
+    (row,) = cp.run_trial(model, refs, windows, SPEC, {"random_k": ids}, level=rate, seed=0, trial=n)
+    return row["ppl"]
 
 
 def overhead(refs, ids, rate: float, n: int) -> int:
