@@ -12,6 +12,7 @@ from typing import Callable
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
+from cwa_core.campaign_stats import SCALES
 from cwa_core.schema import ARM_COLORS, ARM_KINDS, ARM_LABELS, ARM_MARKERS, CAMPAIGNS  # campaigns: the report's order
 
 from .common import value
@@ -48,10 +49,11 @@ def _series(rows: list[dict]) -> dict[tuple, list[dict]]:
     return out
 
 
-def _level_axis(ax, level_name: str, levels: list[float]) -> None:
-    if level_name == "error_rate":
+def _level_axis(ax, level_name: str, harsher: int, levels: list[float]) -> None:
+    """The level on x, harsher to the right: a log axis where the statistics interpolate in log10."""
+    if SCALES.get(level_name) == "log10":
         ax.set_xscale("log")
-    elif level_name == "quant_bits":
+    elif harsher < 0:
         ax.set_xticks(sorted(set(levels)), [f"{x:g}" for x in sorted(set(levels))])
         ax.invert_xaxis()
     ax.set_xlabel(AXIS.get(level_name, level_name), fontsize=8)
@@ -74,7 +76,7 @@ def _draw(a: dict, campaign: str, y_of: Callable, ylabel: str, what: str) -> tup
                      "ls": CELL_LINES[cells.index(cell) % len(CELL_LINES)],
                      "label": ARM_LABELS.get(arm, arm) + (f" ({label})" if len(cells) > 1 else "")}
             y_of(ax, pts, style)
-        _level_axis(ax, level_name, [value(r["level"]) for r in rows])
+        _level_axis(ax, level_name, int(rows[0]["harsher"]), [value(r["level"]) for r in rows])
         ax.set_ylabel(ylabel, fontsize=8)
         ax.set_title(model, fontsize=10)
     legend = {label: h for ax in axes for h, label in zip(*ax.get_legend_handles_labels())}  # one entry a label
